@@ -1,0 +1,25 @@
+"""jaxweights: one clean way to reach the weights inside model checkpoints from JAX."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import errors as errors
+from ._devices import DeviceKind as DeviceKind
+from ._devices import DeviceRef as DeviceRef
+from ._dtypes import DType as DType
+from ._quantization import BlockParameters as BlockParameters
+from ._quantization import QuantizationEncoding as QuantizationEncoding
+from ._weights import Weight as Weight
+from ._weights import WeightData as WeightData
+from ._weights import Weights as Weights
+from ._weights import load_weights as load_weights
+from .formats import Checkpoint as Checkpoint
+from .formats import TensorInfo as TensorInfo
+from .formats import WeightsFormat as WeightsFormat
+from .formats import open_checkpoint as open_checkpoint
+from .formats import weights_format as weights_format
+from .formats.safetensors import save_file as save_file
+
+try:
+    __version__ = version("jaxweights")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"

@@ -1,0 +1,93 @@
+"""The jaxweights error hierarchy.
+
+Every error derives from `WeightsError` and from the built-in a caller would naturally catch
+(`ValueError`, `KeyError`, `FileNotFoundError`, ...). Messages name the tensor and the file where one is
+involved, state what was expected and what was found, and suggest a fix. This module imports nothing
+from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "DTypeError",
+    "DeviceError",
+    "DuplicateTensorError",
+    "QuantizationError",
+    "ShapeMismatchError",
+    "ShardingError",
+    "UnsupportedFormatError",
+    "WeightNotFoundError",
+    "WeightsError",
+]
+
+
+class WeightsError(Exception):
+    """Root of every error jaxweights raises.
+
+    Attributes:
+        file: the checkpoint file involved, if any.
+        tensor: the tensor name involved, if any.
+    """
+
+    def __init__(
+        self, message: str, *, file: str | os.PathLike[str] | None = None, tensor: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = os.fspath(file) if file is not None else None
+        self.tensor = tensor
+
+    def __str__(self) -> str:
+        # KeyError's str() would quote the message; every subclass prints it as written.
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.message, self.file, self.tensor))
+
+
+def _rebuild(cls: type[WeightsError], message: str, file: str | None, tensor: str | None) -> WeightsError:
+    return cls(message, file=file, tensor=tensor)
+
+
+class CheckpointError(WeightsError, ValueError):
+    """A checkpoint file is malformed: truncated, bad header, offsets or shapes that do not add up."""
+
+
+class CheckpointNotFoundError(WeightsError, FileNotFoundError):
+    """A path given to jaxweights (or named inside an index file) does not exist."""
+
+
+class UnsupportedFormatError(WeightsError, ValueError):
+    """A file is not in a format jaxweights reads, or the paths mix formats."""
+
+
+class DuplicateTensorError(CheckpointError):
+    """Two files of one checkpoint hold a tensor of the same name and no index says which wins."""
+
+
+class WeightNotFoundError(WeightsError, KeyError):
+    """No tensor has the requested name; the message lists close matches."""
+
+
+class ShapeMismatchError(WeightsError, ValueError):
+    """A requested shape differs from the stored one."""
+
+
+class DTypeError(WeightsError, ValueError):
+    """A value names no supported element type, or a conversion is not possible."""
+
+
+class QuantizationError(WeightsError, ValueError):
+    """A quantization encoding was requested that the stored tensor does not have."""
+
+
+class DeviceError(WeightsError, ValueError):
+    """A device reference names a device this process does not have."""
+
+
+class ShardingError(WeightsError, ValueError):
+    """A sharding does not fit a tensor: rank mismatch, or a dimension that does not divide evenly."""

@@ -1,0 +1,257 @@
+"""The catalogue every format produces: `TensorInfo` per tensor, and `Checkpoint` to read their bytes.
+
+A `Checkpoint` knows where each tensor's bytes are (file, byte range) and reads them two ways: as a
+read-only zero-copy numpy view over a memory map (`view`), or by copying a byte range into a buffer the
+caller owns (`copy_into`), releasing the file pages behind the copy and counting the bytes. It never
+imports jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .._buffers import ALIGNMENT, aligned_empty
+from .._dtypes import DType, unpack_nibbles
+from .._quantization import QuantizationEncoding
+from ..errors import CheckpointError
+
+__all__ = ["Checkpoint", "TensorInfo", "WeightsFormat"]
+
+
+class WeightsFormat(enum.Enum):
+    """The on-disk formats jaxweights recognises (MAX's names)."""
+
+    safetensors = "safetensors"
+    gguf = "gguf"
+    pytorch = "pytorch"
+
+
+class TensorInfo(NamedTuple):
+    """Where one tensor lives and what it is.
+
+    Attributes:
+        name: full dotted name.
+        dtype: element type (for quantized tensors: the type of the raw blocks, uint8).
+        shape: logical shape.
+        file: the file holding the bytes.
+        start: absolute byte offset of the first byte in ``file``.
+        end: absolute byte offset one past the last byte.
+        encoding: the quantization encoding, or None for plain tensors.
+    """
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+    encoding: QuantizationEncoding | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in its file."""
+        return self.end - self.start
+
+    @property
+    def size(self) -> int:
+        """Number of logical elements."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    def is_aligned(self, alignment: int = ALIGNMENT) -> bool:
+        """True when the bytes start on an ``alignment`` boundary and map one-to-one to elements."""
+        return self.start % alignment == 0 and self.encoding is None and not self.dtype.is_packed
+
+
+class _OpenFile:
+    """One checkpoint file: an open descriptor, and a read-only map made on first use."""
+
+    def __init__(self, path: Path, size: int | None) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.fstat(self.fd).st_size if size is None else size
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
+
+    def map(self) -> mmap.mmap:
+        """The file's read-only map. Touching a page past a truncated file's end would kill the
+        process (SIGBUS), so every call first checks the file still has the size it was opened with."""
+        with self._lock:
+            size = os.fstat(self.fd).st_size
+            if size != self.size:
+                raise CheckpointError(
+                    f"{self.path} changed size since it was opened ({self.size} -> {size} bytes). It "
+                    f"was truncated or replaced; re-open the checkpoint.",
+                    file=self.path,
+                )
+            if self._map is None:
+                self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            return self._map
+
+    def close(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # arrays still alias the map: unmapped with the last
+                self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Checkpoint(Mapping[str, TensorInfo]):
+    """An ordered, read-only catalogue ``name -> TensorInfo`` over one or more open files.
+
+    Produced by `jaxweights.formats.open_checkpoint`; use it as a context manager or call `close`.
+    """
+
+    def __init__(
+        self,
+        format: WeightsFormat,
+        tensors: dict[str, TensorInfo],
+        files: list[Path],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        file_metadata: Mapping[Path, Mapping[str, Any]] | None = None,
+        file_sizes: Mapping[Path, int] | None = None,
+        sources: tuple[Path, ...] = (),
+    ) -> None:
+        self.format = format
+        self._tensors = tensors
+        self.files = tuple(files)
+        self.metadata: Mapping[str, Any] = dict(metadata or {})
+        self.file_metadata: Mapping[Path, Mapping[str, Any]] = dict(file_metadata or {})
+        self.sources = sources or self.files
+        self._sizes = dict(file_sizes or {})  # as validated: a file that changes since is refused
+        self._open: dict[Path, _OpenFile] = {}
+        self._lock = threading.Lock()
+        self._bytes_copied = 0
+        self.closed = False
+
+    # -- Mapping -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.format.value}: {len(self)} tensors in {len(self.files)} file(s)>"
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(info.nbytes for info in self._tensors.values())
+
+    # -- files -------------------------------------------------------------------------------
+    def _file(self, path: Path) -> _OpenFile:
+        if self.closed:
+            raise CheckpointError(f"The checkpoint over {path} is closed; open it again.", file=path)
+        with self._lock:
+            handle = self._open.get(path)
+            if handle is None:
+                handle = self._open[path] = _OpenFile(path, self._sizes.get(path))
+            return handle
+
+    def close(self) -> None:
+        """Closes every file. Arrays that alias mapped file pages stay valid."""
+        with self._lock:
+            for handle in self._open.values():
+                handle.close()
+            self._open.clear()
+            self.closed = True
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+    # -- reading -----------------------------------------------------------------------------
+    def raw_view(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 view over the file map (zero-copy)."""
+        mapped = self._file(info.file).map()
+        return np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.start)
+
+    def release(self, info: TensorInfo, offset: int = 0, length: int | None = None) -> None:
+        """Drops this process's mapping of a tensor's file pages (they stay in the page cache).
+
+        Call after copying out of `view` so resident memory does not grow by the file's size. Harmless
+        for arrays that alias the map: their pages fault back in from the cache on next access.
+        """
+        handle = self._open.get(info.file)
+        if handle is None or handle._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        length = info.nbytes - offset if length is None else length
+        first = (info.start + offset) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = min(info.start + offset + length, handle.size)
+        if last > first:
+            with contextlib.suppress(OSError, ValueError):  # best effort
+                handle._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def view(self, info: TensorInfo) -> np.ndarray:
+        """The tensor as a read-only numpy array of its logical shape.
+
+        Zero-copy over the file map, except for packed types (float4), which are unpacked into a copy.
+        Quantized tensors come back as their raw uint8 blocks.
+        """
+        raw = self.raw_view(info)
+        if info.encoding is not None:
+            return raw
+        if info.dtype.is_packed:
+            out = unpack_nibbles(raw, info.dtype, info.shape)
+        else:
+            out = raw.view(info.dtype.to_numpy()).reshape(info.shape)
+        out.flags.writeable = False
+        return out
+
+    def copy_into(self, info: TensorInfo, out: np.ndarray, offset: int = 0) -> None:
+        """Copies ``out.nbytes`` bytes, starting ``offset`` bytes into the tensor, into ``out``.
+
+        ``out`` must be C-contiguous and writeable. The file pages read are released from this
+        process's map afterwards, and the bytes are added to `bytes_copied`. Threads may copy disjoint
+        ranges at once.
+        """
+        flat = out.reshape(-1).view(np.uint8)
+        if offset < 0 or offset + flat.nbytes > info.nbytes:
+            raise ValueError(f"bytes [{offset}, {offset + flat.nbytes}) are outside tensor {info.name!r}")
+        np.copyto(flat, self.raw_view(info)[offset : offset + flat.nbytes])
+        self.release(info, offset, flat.nbytes)
+        with self._lock:
+            self._bytes_copied += flat.nbytes
+
+    @property
+    def bytes_copied(self) -> int:
+        """Bytes copied out of the files so far (zero-copy views do not count)."""
+        return self._bytes_copied
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        """A fresh, 64-byte aligned, writeable copy of the tensor in its logical shape."""
+        if info.encoding is not None:
+            out = aligned_empty((info.nbytes,), np.dtype(np.uint8))
+            self.copy_into(info, out)
+            return out
+        if info.dtype.is_packed:
+            packed = np.empty(info.nbytes, dtype=np.uint8)
+            self.copy_into(info, packed)
+            return unpack_nibbles(packed, info.dtype, info.shape)
+        out = aligned_empty(info.shape, info.dtype.to_numpy())
+        self.copy_into(info, out)
+        return out

@@ -1,0 +1,474 @@
+"""Safetensors: header parser and validator, multi-file and ``index.json`` catalogues, and a writer.
+
+The header is parsed and validated in full before any tensor byte is touched: header length within
+the file, UTF-8 JSON object without duplicate keys, known dtypes, non-negative shapes, offsets inside
+the data section that do not overlap and whose length equals shape x dtype. Never imports jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from .._buffers import ALIGNMENT
+from .._dtypes import DTYPE_TO_SAFETENSORS, SAFETENSORS_TO_DTYPE, DType, pack_nibbles
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DuplicateTensorError,
+    UnsupportedFormatError,
+)
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+
+__all__ = ["INDEX_NAME", "open_safetensors", "read_header", "save_file"]
+
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
+
+
+def _hint_close(path: Path) -> str:
+    return f"{path} is not a valid safetensors file"
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return result
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _parse_header(text: str) -> Any:
+    """JSON-decodes a header, rejecting duplicate keys.
+
+    The C decoder runs first; a key repeated at the top level or inside an entry would make the dict
+    hold fewer ``dtype``/``shape``/``data_offsets`` keys than the text names, and only then is the text
+    decoded again, slowly, to name the duplicate.
+    """
+    header = json.loads(text)
+    if isinstance(header, dict):
+        entries = sum(1 for value in header.values() if type(value) is dict and "data_offsets" in value)
+        found = sum(
+            1
+            for value in header.values()
+            if type(value) is dict
+            for key in ("dtype", "shape", "data_offsets")
+            if key in value
+        )
+        named = text.count('"dtype"') + text.count('"shape"') + text.count('"data_offsets"')
+        if named == found and text.count('"data_offsets"') == entries:
+            return header
+    return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+
+
+def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
+    """Parses and validates one file's header.
+
+    Returns:
+        The tensors in header order, the ``__metadata__`` dictionary (empty if absent), and the file
+        size the validation saw.
+
+    Raises:
+        CheckpointError: the header is malformed; the message names the file, the tensor and the fix.
+    """
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(
+                f"{_hint_close(path)}: it has {size} bytes, fewer than the 8-byte header length. "
+                f"The file is truncated; download or save it again.",
+                file=path,
+            )
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{_hint_close(path)}: its header claims {header_len} bytes but only {size - 8} follow "
+                f"the length prefix. The file is truncated or not safetensors; download it again.",
+                file=path,
+            )
+        if header_len > MAX_HEADER_SIZE:
+            raise CheckpointError(
+                f"{_hint_close(path)}: its header claims {header_len} bytes, over the "
+                f"{MAX_HEADER_SIZE}-byte limit safetensors allows.",
+                file=path,
+            )
+        raw = handle.read(header_len)
+    if len(raw) != header_len:
+        raise CheckpointError(f"{_hint_close(path)}: the header ends early (file truncated).", file=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            f"{_hint_close(path)}: its header is not UTF-8 ({error.reason} at byte {error.start}).",
+            file=path,
+        ) from error
+    try:
+        header = _parse_header(text)
+    except _DuplicateKeyError as error:
+        raise CheckpointError(
+            f"{_hint_close(path)}: its header names {error.key!r} twice; readers would disagree on "
+            f"which entry wins. Re-save the file.",
+            file=path,
+            tensor=error.key,
+        ) from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as error:
+        raise CheckpointError(
+            f"{_hint_close(path)}: its header is not valid JSON ({error}).", file=path
+        ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{_hint_close(path)}: its header must be a JSON object, found {type(header).__name__}.",
+            file=path,
+        )
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(
+            f"{_hint_close(path)}: '__metadata__' must map strings to strings, found {metadata!r:.200}.",
+            file=path,
+        )
+    tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
+    _check_overlaps(path, tensors)
+    return tensors, metadata, size
+
+
+def _entry_error(path: Path, name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{_hint_close(path)}: tensor {name!r} {what}", file=path, tensor=name)
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+    try:
+        dtype = SAFETENSORS_TO_DTYPE[entry["dtype"]]
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+        count = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                raise TypeError
+            count *= dim
+        if type(begin) is not int or type(end) is not int or type(shape) is not list:
+            raise TypeError
+    except (KeyError, TypeError, ValueError):
+        raise _describe(path, name, entry) from None
+    if begin < 0 or end < begin or end > data_len:
+        raise _entry_error(
+            path,
+            name,
+            f"has data_offsets [{begin}, {end}] outside the data section of {data_len} bytes. The file "
+            f"is truncated or its header is corrupt.",
+        )
+    bits = count * _BITS[dtype]
+    if bits & 7:
+        raise _entry_error(
+            path, name, f"of {count} {dtype.name} elements does not fill whole bytes (shape {shape})."
+        )
+    if end - begin != bits >> 3:
+        raise _entry_error(
+            path,
+            name,
+            f"has shape {shape} and dtype {entry['dtype']}, which need {bits // 8} bytes, but data_offsets "
+            f"[{begin}, {end}] hold {end - begin}.",
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _describe(path: Path, name: str, entry: Any) -> CheckpointError:
+    """The precise error for an entry the fast path rejected."""
+    if type(entry) is not dict:
+        return _entry_error(path, name, f"must be described by a JSON object, found {entry!r:.100}.")
+    code = entry.get("dtype")
+    if type(code) is not str or code not in SAFETENSORS_TO_DTYPE:
+        known = ", ".join(sorted(SAFETENSORS_TO_DTYPE))
+        return _entry_error(path, name, f"has dtype {code!r}, which jaxweights cannot read (known: {known}).")
+    shape = entry.get("shape")
+    if type(shape) is not list or any(type(d) is not int for d in shape):
+        return _entry_error(path, name, f"has shape {shape!r:.100}; expected a list of integers.")
+    if any(d < 0 for d in shape):
+        return _entry_error(path, name, f"has a negative dimension in shape {shape}.")
+    offsets = entry.get("data_offsets")
+    return _entry_error(path, name, f"has data_offsets {offsets!r:.100}; expected [begin, end] integers.")
+
+
+_BITS = {dtype: dtype.size_in_bits for dtype in DType}
+
+
+def _check_overlaps(path: Path, tensors: list[TensorInfo]) -> None:
+    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: t.start)
+    for before, after in itertools.pairwise(ordered):
+        if after.start < before.end:
+            raise CheckpointError(
+                f"{_hint_close(path)}: tensors {before.name!r} and {after.name!r} overlap (bytes "
+                f"{before.start}-{before.end} and {after.start}-{after.end}). Re-save the file.",
+                file=path,
+                tensor=after.name,
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Several files and index.json
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_index(index_path: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    try:
+        index = json.loads(index_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CheckpointError(f"{index_path} is not a valid JSON index ({error}).", file=index_path) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index_path} has no 'weight_map' object mapping tensor names to file names.",
+            file=index_path,
+        )
+    folder = index_path.parent
+    resolved: dict[str, Path] = {}
+    for name, file_name in weight_map.items():
+        relative = PurePosixPath(file_name.replace("\\", "/"))
+        if (
+            not file_name
+            or relative.is_absolute()
+            or ".." in relative.parts
+            or (len(file_name) > 1 and file_name[1] == ":")
+        ):
+            raise CheckpointError(
+                f"{index_path} maps tensor {name!r} to {file_name!r}, which is outside the index's "
+                f"folder. Index entries must be file names relative to {folder}.",
+                file=index_path,
+                tensor=name,
+            )
+        resolved[name] = folder.joinpath(*relative.parts)
+    metadata = index.get("metadata")
+    return resolved, metadata if isinstance(metadata, dict) else {}
+
+
+def open_safetensors(paths: Sequence[Path]) -> Checkpoint:
+    """Builds one catalogue over safetensors files and ``*.safetensors.index.json`` indexes.
+
+    Raises:
+        DuplicateTensorError: a name appears in two files and no index says which holds it.
+        CheckpointNotFoundError: an index names a file that does not exist.
+        CheckpointError: any file is malformed.
+    """
+    files: list[Path] = []
+    owner: dict[str, Path] = {}  # what an index says holds each name
+    metadata: dict[str, Any] = {}
+    for path in paths:
+        if path.name.endswith(".json"):
+            weight_map, index_metadata = _read_index(path)
+            for name, file in weight_map.items():
+                if name in owner and owner[name] != file:
+                    raise DuplicateTensorError(
+                        f"Two indexes disagree on tensor {name!r}: {owner[name]} and {file}.",
+                        file=path,
+                        tensor=name,
+                    )
+                owner[name] = file
+                if file not in files:
+                    if not file.is_file():
+                        raise CheckpointNotFoundError(
+                            f"{path} maps tensor {name!r} to {file.name}, which does not exist in "
+                            f"{file.parent}. Download the missing shard.",
+                            file=file,
+                            tensor=name,
+                        )
+                    files.append(file)
+            metadata.update(index_metadata)
+        elif path not in files:
+            files.append(path)
+
+    tensors: dict[str, TensorInfo] = {}
+    file_metadata: dict[Path, dict[str, str]] = {}
+    file_sizes: dict[Path, int] = {}
+    for file in files:
+        infos, file_meta, file_sizes[file] = read_header(file)
+        file_metadata[file] = file_meta
+        for key, value in file_meta.items():
+            metadata.setdefault(key, value)
+        for info in infos:
+            claimed = owner.get(info.name)
+            if claimed is not None and claimed != file:
+                continue  # the index says another file holds this name
+            if info.name in tensors and claimed is None:
+                raise DuplicateTensorError(
+                    f"Tensor {info.name!r} is in both {tensors[info.name].file} and {file}, and no "
+                    f"index.json says which to use. Remove one file, or load through the index.",
+                    file=file,
+                    tensor=info.name,
+                )
+            tensors[info.name] = info
+    for name, file in owner.items():
+        if name not in tensors:
+            raise CheckpointError(
+                f"The index maps tensor {name!r} to {file}, but that file has no such tensor. The "
+                f"index and shards come from different saves; download them again.",
+                file=file,
+                tensor=name,
+            )
+    return Checkpoint(
+        WeightsFormat.safetensors,
+        tensors,
+        files,
+        metadata=metadata,
+        file_metadata=file_metadata,
+        file_sizes=file_sizes,
+        sources=tuple(paths),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Data order that starts as many bytes as possible on 64-byte boundaries, with no gaps (the
+    reference reader rejects gaps). Tensors whose size is a multiple of 64 go first, in the caller's
+    order, and all start aligned; the rest are placed greedily: the largest one whenever the offset is
+    aligned, else one whose size brings the offset back to alignment, else the smallest."""
+    sizes = {name: _stored_nbytes(array) for name, array in arrays.items()}
+    order = [n for n in arrays if sizes[n] % ALIGNMENT == 0]
+    rest = sorted((n for n in arrays if sizes[n] % ALIGNMENT), key=lambda n: sizes[n])
+    offset = 0
+    while rest:
+        gap = -offset % ALIGNMENT
+        if gap == 0:
+            pick = rest[-1]
+        else:
+            pick = next((n for n in reversed(rest) if sizes[n] % ALIGNMENT == gap), rest[0])
+        rest.remove(pick)
+        order.append(pick)
+        offset += sizes[pick]
+    return order
+
+
+def _stored_nbytes(array: np.ndarray) -> int:
+    dtype = DType.from_numpy(array.dtype)
+    return array.size * dtype.size_in_bits // 8
+
+
+def save_file(
+    tensors: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes numpy-convertible arrays to a safetensors file, atomically, with 64-byte aligned data.
+
+    The header is padded so the data section starts on a 64-byte boundary, and tensors are ordered so
+    that every tensor whose size is a multiple of 64 bytes starts aligned: jaxweights then loads them
+    to CPU without a copy. The result is a standard safetensors file (contiguous data, no gaps) that
+    `safetensors` itself reads. The file appears under its name only once complete (temporary file,
+    fsync, rename); the caller's arrays are never modified.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> folder = tempfile.mkdtemp()
+        >>> path = jw.save_file({"w": np.ones((2, 3), np.float32)}, f"{folder}/m.safetensors")
+        >>> jw.load_weights(path).w.data().shape
+        (2, 3)
+    """
+    path = Path(path)
+    arrays = {name: np.asarray(value) for name, value in tensors.items()}
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("metadata must map strings to strings (safetensors stores text only).")
+        header["__metadata__"] = dict(metadata)
+    for name, array in arrays.items():
+        if not isinstance(name, str):
+            raise TypeError(f"Tensor names must be strings, found {name!r}.")
+        DType.from_numpy(array.dtype)  # raises a DTypeError naming the type
+        if DType.from_numpy(array.dtype).is_packed and array.size % 2:
+            raise CheckpointError(f"Tensor {name!r}: float4 tensors need an even element count.", tensor=name)
+    offset = 0
+    order = _layout(arrays)
+    entries: dict[str, Any] = {}
+    for name in order:
+        array = arrays[name]
+        size = _stored_nbytes(array)
+        entries[name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[DType.from_numpy(array.dtype)],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header.update({name: entries[name] for name in arrays})  # header keeps the caller's order
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for name in order:
+                _write_array(out, arrays[name])
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def _write_array(out: Any, array: np.ndarray) -> None:
+    dtype = DType.from_numpy(array.dtype)
+    data = np.ascontiguousarray(array)
+    if data.dtype.byteorder == ">":
+        data = data.byteswap().view(data.dtype.newbyteorder("<"))
+    if dtype.is_packed:
+        data = pack_nibbles(data)
+    out.write(data.reshape(-1).view(np.uint8).data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def iter_weight_files(folder: Path) -> Iterable[Path]:
+    """Safetensors files and indexes in a folder, the index preferred when present."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    preferred = folder / INDEX_NAME
+    if preferred in indexes:
+        return [preferred]
+    if len(indexes) == 1:
+        return indexes
+    if len(indexes) > 1:
+        raise UnsupportedFormatError(
+            f"{folder} holds several indexes ({', '.join(p.name for p in indexes)}); pass the one "
+            f"you want to load.",
+            file=folder,
+        )
+    return sorted(folder.glob("*.safetensors"))

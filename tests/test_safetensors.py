@@ -1,0 +1,299 @@
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import jaxweights as jw
+from jaxweights.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DuplicateTensorError,
+    UnsupportedFormatError,
+)
+from jaxweights.formats import ALIGNMENT, open_checkpoint
+from jaxweights.formats.safetensors import read_header
+
+
+def raw_file(path: Path, header: Any, data: bytes = b"", *, claimed_length: int | None = None) -> Path:
+    """A file laid out by hand: u64 header length, header bytes, data."""
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(text) if claimed_length is None else claimed_length
+    path.write_bytes(struct.pack("<Q", length) + text + data)
+    return path
+
+
+def entry(dtype: str, shape: list[Any], begin: int, end: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def test_reads_reference_file_with_metadata(write_reference: Callable[..., Path]) -> None:
+    values = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], np.int16)}
+    path = write_reference(values, metadata={"format": "pt", "step": "3"})
+    tensors, metadata, size = read_header(path)
+    assert size == path.stat().st_size
+    assert metadata == {"format": "pt", "step": "3"}
+    assert {t.name: (t.dtype.name, t.shape) for t in tensors} == {
+        "a": ("float32", (2, 3)),
+        "b": ("int16", (2,)),
+    }
+    with open_checkpoint(path) as checkpoint:
+        np.testing.assert_array_equal(checkpoint.view(checkpoint["a"]), values["a"])
+        assert checkpoint.metadata == {"format": "pt", "step": "3"}
+        assert not checkpoint.view(checkpoint["a"]).flags.writeable
+
+
+def test_several_files_and_a_folder(write_reference: Callable[..., Path], tmp_path: Path) -> None:
+    first = write_reference({"a.w": np.ones(2, np.float32)}, "m-00001-of-00002.safetensors")
+    second = write_reference({"b.w": np.zeros(3, np.float32)}, "m-00002-of-00002.safetensors")
+    for source in ([first, second], tmp_path, str(tmp_path)):
+        weights = jw.load_weights(source)  # type: ignore[arg-type]
+        assert [n for n, _ in weights.items()] == ["a.w", "b.w"]
+        assert weights.b.w.data().shape == (3,)
+
+
+def write_index(folder: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps({"metadata": {"total_size": 20}, "weight_map": weight_map}))
+    return path
+
+
+def test_index_json_decides_which_file_holds_a_duplicate(
+    write_reference: Callable[..., Path], tmp_path: Path
+) -> None:
+    write_reference({"x": np.full(2, 1, np.float32), "y": np.ones(1, np.float32)}, "one.safetensors")
+    write_reference({"x": np.full(2, 2, np.float32)}, "two.safetensors")
+    index = write_index(tmp_path, {"x": "two.safetensors", "y": "one.safetensors"})
+    for source in (index, tmp_path):
+        weights = jw.load_weights(source)
+        assert weights.x.data().data.tolist() == [2.0, 2.0]
+        assert weights.metadata["total_size"] == 20
+    with pytest.raises(DuplicateTensorError, match=r"'x' is in both .*one.safetensors and .*two.safetensors"):
+        jw.load_weights([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])
+
+
+def test_index_naming_a_missing_file(write_reference: Callable[..., Path], tmp_path: Path) -> None:
+    write_reference({"x": np.ones(2, np.float32)}, "one.safetensors")
+    index = write_index(tmp_path, {"x": "one.safetensors", "y": "gone.safetensors"})
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"maps tensor 'y' to gone.safetensors, which does not exist"
+    ):
+        jw.load_weights(index)
+
+
+@pytest.mark.parametrize(
+    "target", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors", "C:\\x"]
+)
+def test_index_paths_never_leave_the_folder(tmp_path: Path, target: str) -> None:
+    (tmp_path / "model").mkdir()
+    index = write_index(tmp_path / "model", {"x": target})
+    with pytest.raises(CheckpointError, match=r"outside the index's folder"):
+        jw.load_weights(index)
+
+
+def test_index_tensor_missing_from_its_file(write_reference: Callable[..., Path], tmp_path: Path) -> None:
+    write_reference({"x": np.ones(2, np.float32)}, "one.safetensors")
+    index = write_index(tmp_path, {"x": "one.safetensors", "z": "one.safetensors"})
+    with pytest.raises(
+        CheckpointError, match=r"maps tensor 'z' to .*one.safetensors, but that file has no such"
+    ):
+        jw.load_weights(index)
+
+
+def test_index_that_is_not_an_index(tmp_path: Path) -> None:
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"has no 'weight_map' object"):
+        jw.load_weights(index)
+    index.write_bytes(b"{\xff")
+    with pytest.raises(CheckpointError, match=r"is not a valid JSON index"):
+        jw.load_weights(index)
+
+
+# -- bad input: every case names the file (and the tensor where there is one) -----------------
+
+
+def test_truncated_below_the_length_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(b"\x10\x00")
+    with pytest.raises(
+        CheckpointError, match=r"short.safetensors is not a valid safetensors file: it has 2 bytes"
+    ):
+        jw.load_weights(path)
+
+
+def test_header_length_larger_than_the_file(tmp_path: Path) -> None:
+    path = raw_file(
+        tmp_path / "big.safetensors", {"a": entry("F32", [1], 0, 4)}, b"\0" * 4, claimed_length=10**9
+    )
+    with pytest.raises(CheckpointError, match=r"big.safetensors .*header claims 1000000000 bytes but only"):
+        jw.load_weights(path)
+
+
+def test_truncated_data(tmp_path: Path) -> None:
+    path = raw_file(tmp_path / "cut.safetensors", {"a": entry("F32", [4], 0, 16)}, b"\0" * 10)
+    with pytest.raises(
+        CheckpointError, match=r"cut.safetensors.*tensor 'a' has data_offsets \[0, 16\] outside"
+    ):
+        jw.load_weights(path)
+
+
+def test_non_utf8_header(tmp_path: Path) -> None:
+    path = raw_file(tmp_path / "bad.safetensors", b'{"\xff\xfe": 1}')
+    with pytest.raises(CheckpointError, match=r"bad.safetensors .*header is not UTF-8"):
+        jw.load_weights(path)
+
+
+@pytest.mark.parametrize("header", [b"[1, 2, 3]", b'"text"', b"{not json"])
+def test_header_that_is_not_a_json_object(tmp_path: Path, header: bytes) -> None:
+    path = raw_file(tmp_path / "bad.safetensors", header)
+    with pytest.raises(CheckpointError, match=r"bad.safetensors is not a valid safetensors file"):
+        jw.load_weights(path)
+
+
+def test_deeply_nested_header_does_not_crash(tmp_path: Path) -> None:
+    path = raw_file(
+        tmp_path / "deep.safetensors", b"{" + b'"a":' * 1 + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    )
+    with pytest.raises(CheckpointError, match=r"deep.safetensors"):
+        jw.load_weights(path)
+
+
+def test_duplicate_keys_in_header(tmp_path: Path) -> None:
+    text = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}'
+    path = raw_file(tmp_path / "dup.safetensors", text, b"\0\0")
+    with pytest.raises(CheckpointError, match=r"dup.safetensors .*names 'a' twice"):
+        jw.load_weights(path)
+
+
+def test_unknown_dtype(tmp_path: Path) -> None:
+    path = raw_file(tmp_path / "odd.safetensors", {"w": entry("F7", [1], 0, 1)}, b"\0")
+    with pytest.raises(
+        CheckpointError, match=r"odd.safetensors.*tensor 'w' has dtype 'F7', which jaxweights cannot"
+    ):
+        jw.load_weights(path)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (entry("F32", [2], 0, 12), r"tensor 'w' has shape \[2\] and dtype F32, which need 8 bytes"),
+        (entry("F32", [-1], 0, 4), r"tensor 'w' has a negative dimension"),
+        (entry("F32", [2**40, 2**40], 0, 8), r"tensor 'w' has shape \[1099511627776, 1099511627776\]"),
+        (entry("F32", [1.5], 0, 4), r"tensor 'w' has shape \[1.5\]; expected a list of integers"),
+        (entry("F32", [True], 0, 4), r"tensor 'w' has shape \[True\]"),
+        ({"dtype": "F32", "shape": [1]}, r"tensor 'w' has data_offsets None"),
+        (entry("F32", [1], 8, 4), r"tensor 'w' has data_offsets \[8, 4\] outside"),
+        (entry("F32", [1], -4, 0), r"tensor 'w' has data_offsets \[-4, 0\] outside"),
+        (entry("F4", [3], 0, 1), r"tensor 'w' of 3 float4_e2m1fn elements does not fill whole bytes"),
+        ("not an object", r"tensor 'w' must be described by a JSON object"),
+    ],
+)
+def test_bad_tensor_entries(tmp_path: Path, spec: Any, message: str) -> None:
+    path = raw_file(tmp_path / "bad.safetensors", {"w": spec}, b"\0" * 16)
+    with pytest.raises(CheckpointError, match=message) as caught:
+        jw.load_weights(path)
+    assert caught.value.tensor == "w" and caught.value.file == str(path)
+
+
+def test_overlapping_offsets(tmp_path: Path) -> None:
+    header = {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}
+    path = raw_file(tmp_path / "overlap.safetensors", header, b"\0" * 12)
+    with pytest.raises(CheckpointError, match=r"tensors 'a' and 'b' overlap"):
+        jw.load_weights(path)
+
+
+def test_bad_metadata(tmp_path: Path) -> None:
+    path = raw_file(tmp_path / "meta.safetensors", {"__metadata__": {"step": 3}})
+    with pytest.raises(CheckpointError, match=r"'__metadata__' must map strings to strings"):
+        jw.load_weights(path)
+
+
+def test_empty_path_list_and_missing_paths(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match=r"No checkpoint paths were given"):
+        jw.load_weights([])
+    with pytest.raises(CheckpointNotFoundError, match=r"nope.safetensors does not exist"):
+        jw.load_weights(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointNotFoundError, match=r"holds no \*.safetensors file"):
+        jw.load_weights(tmp_path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match=r"empty.safetensors is not a valid safetensors file: it has 0 bytes"
+    ):
+        jw.load_weights(path)
+
+
+def test_not_a_checkpoint_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"hello world, this is text")
+    with pytest.raises(UnsupportedFormatError, match=r"notes.txt is not a safetensors, GGUF or PyTorch file"):
+        jw.load_weights(path)
+
+
+def test_mixed_formats(write_reference: Callable[..., Path], tmp_path: Path) -> None:
+    good = write_reference({"a": np.ones(1, np.float32)})
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(UnsupportedFormatError, match=r"The paths mix formats"):
+        jw.load_weights([good, gguf])
+    assert jw.weights_format(gguf) is jw.WeightsFormat.gguf
+    assert jw.weights_format(good) is jw.WeightsFormat.safetensors
+
+
+# -- writer ------------------------------------------------------------------------------------
+
+
+def test_writer_aligns_every_even_sized_tensor(tmp_path: Path) -> None:
+    values = {
+        "odd": np.arange(3, dtype=np.uint8),
+        "big": np.ones((64, 32), np.float32),
+        "bias": np.ones(16, np.float32),
+        "half": np.ones(7, np.float16),
+    }
+    path = jw.save_file(values, tmp_path / "aligned.safetensors", metadata={"k": "v"})
+    checkpoint = open_checkpoint(path)
+    assert list(checkpoint) == list(values)  # the header keeps the caller's order
+    assert checkpoint["big"].start % ALIGNMENT == 0 and checkpoint["bias"].start % ALIGNMENT == 0
+    loaded = safetensors.numpy.load_file(str(path))  # the reference reader accepts the layout
+    for name, value in values.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    checkpoint.close()
+
+
+def test_writer_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = jw.save_file({"a": np.ones(4, np.float32)}, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+
+    class Exploding:
+        def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match=r"disk on fire"):
+        jw.save_file({"a": np.zeros(4, np.float32), "b": Exploding()}, path)
+    with pytest.raises(jw.errors.DTypeError):
+        jw.save_file({"a": np.zeros(4, np.float32), "b": np.array(["text"])}, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_writer_never_mutates_the_callers_dict(tmp_path: Path) -> None:
+    values: dict[str, np.ndarray] = {"b": np.arange(4, dtype=np.float32), "a": np.ones(2, np.int8)}
+    snapshot = {k: v.copy() for k, v in values.items()}
+    jw.save_file(values, tmp_path / "m.safetensors")
+    assert list(values) == ["b", "a"]
+    for name in values:
+        np.testing.assert_array_equal(values[name], snapshot[name])

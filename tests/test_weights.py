@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxweights as jw
+from jaxweights import DeviceRef, DType
+from jaxweights.errors import DTypeError, QuantizationError, ShapeMismatchError, WeightNotFoundError
+
+
+@pytest.fixture
+def weights(transformer: Path) -> jw.Weights:
+    return jw.load_weights(transformer)
+
+
+def test_attribute_and_index_access_build_the_same_name(weights: jw.Weights) -> None:
+    a = weights.transformer.layers[0].attention.weight
+    b = weights["transformer.layers"][0]["attention"]["weight"]
+    c = weights["transformer"]["layers"]["0"].attention["weight"]
+    assert a.name == b.name == c.name == "transformer.layers.0.attention.weight"
+    assert a == b and hash(a) == hash(b)
+    assert weights.name == ""
+    assert weights.transformer.layers[np.int64(3)].name == "transformer.layers.3"
+    assert weights.transformer.layers[-1].name == "transformer.layers.11"
+
+
+def test_bad_keys(weights: jw.Weights) -> None:
+    with pytest.raises(TypeError, match=r"indexed by int or str, not float"):
+        weights[1.5]  # type: ignore[index]
+    with pytest.raises(KeyError, match=r"not a weight name segment"):
+        weights[""]
+    with pytest.raises(IndexError, match=r"Index -13 is out of range for 'transformer.layers'"):
+        weights.transformer.layers[-13]
+
+
+def test_exists_only_for_exact_tensor_names(weights: jw.Weights) -> None:
+    assert weights.transformer.layers[0].mlp.weight.exists()
+    assert not weights.transformer.layers[0].mlp.exists()
+    assert not weights.transformer.layers[0].mlp.weight.extra.exists()
+    assert not weights.exists()
+
+
+def test_items_relative_sorted_and_whole_segments(write_reference: Callable[..., Path]) -> None:
+    names = ["layers.1.w", "layers.10.w", "layers.1.b", "layers.2.w", "layers.1", "layers.1x.w"]
+    weights = jw.load_weights(write_reference({n: np.ones(1, np.float32) for n in names}))
+    items = list(weights.layers[1].items())
+    assert [name for name, _ in items] == ["", "b", "w"]  # not layers.10.* or layers.1x.*
+    assert [acc.name for _, acc in items] == ["layers.1", "layers.1.b", "layers.1.w"]
+    assert [name for name, _ in weights.items()] == sorted(names)
+    assert weights.layers[1].keys() == ["", "b", "w"]
+    assert list(weights.nothing.items()) == []
+
+
+def test_data_is_a_read_only_zero_copy_view(transformer: Path, weights: jw.Weights) -> None:
+    data = weights.embeddings.weight.data()
+    assert (data.name, data.dtype, data.shape, data.quantization_encoding) == (
+        "embeddings.weight",
+        DType.float32,
+        (16, 8),
+        None,
+    )
+    assert not data.data.flags.writeable and not data.data.flags.owndata
+    with pytest.raises(ValueError, match=r"read-only"):
+        data.data[0, 0] = 1.0
+    assert data.astype(DType.float32) is data
+    half = data.astype("float16")
+    assert half.dtype is DType.float16 and half.data.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(half), data.data.astype(np.float16))
+    assert data.view(DType.uint8).shape == (16, 32)
+    assert repr(data) == "WeightData('embeddings.weight', float32[16, 8])"
+
+
+def test_missing_names_raise_keyerror_with_hints(weights: jw.Weights) -> None:
+    with pytest.raises(
+        WeightNotFoundError,
+        match=r"No tensor named 'transformer.layers.0.attention.wieght'.*Did you mean 'transformer.layers.0.attention.weight'",
+    ):
+        weights.transformer.layers[0].attention.wieght.data()
+    with pytest.raises(
+        KeyError, match=r"'transformer.layers.0' is a prefix, not a tensor .*attention, mlp, norm"
+    ):
+        weights.transformer.layers[0].allocate()
+    with pytest.raises(KeyError, match=r"No tensor named 'zzz'"):
+        weights.zzz.data()
+
+
+def test_allocate_places_converts_and_records(weights: jw.Weights) -> None:
+    reference = np.array(weights.transformer.layers[0].attention.weight.data().data)
+    w = weights.transformer.layers[0].attention.weight.allocate(dtype=DType.bfloat16)
+    assert isinstance(w.array, jax.Array)
+    assert w.array.dtype == jnp.bfloat16 and w.dtype is DType.bfloat16 and w.original_dtype is DType.float32
+    assert w.device == DeviceRef.CPU(0) and w.array.devices() == {jax.devices()[0]}
+    np.testing.assert_array_equal(np.asarray(w.array), reference.astype(jnp.bfloat16))
+    assert list(weights.allocated_weights) == ["transformer.layers.0.attention.weight"]
+    assert weights.allocated_weights["transformer.layers.0.attention.weight"] is w.array
+    assert weights.transformer.allocated_weights is weights.allocated_weights  # one dict per tree
+    other = weights.transformer.layers[1].mlp.weight.allocate(
+        dtype="float16", shape=(8, 32), device=DeviceRef.CPU(3)
+    )
+    assert other.array.devices() == {jax.devices()[3]}
+    assert other.array.dtype == np.float16
+    assert len(weights.allocated_weights) == 2
+
+
+def test_allocate_validates_before_recording(weights: jw.Weights) -> None:
+    node = weights.transformer.layers[0].mlp.weight
+    with pytest.raises(
+        ShapeMismatchError, match=r"has shape \(8, 32\), but allocate\(\) was asked for \(32, 8\)"
+    ):
+        node.allocate(shape=(32, 8))
+    with pytest.raises(ShapeMismatchError, match=r"shape entries must be integers, found 'seq'"):
+        node.allocate(shape=("seq", 32))  # type: ignore[arg-type]
+    with pytest.raises(QuantizationError, match=r"has no quantization, but allocate\(\) was asked for Q4_K"):
+        node.allocate(quantization_encoding=jw.QuantizationEncoding.Q4_K)
+    with pytest.raises(DTypeError, match=r"not a supported element type"):
+        node.allocate(dtype="float33")
+    with pytest.raises(DTypeError, match=r"dtype=float64 needs 64-bit support"):
+        node.allocate(dtype=DType.float64)
+    with pytest.raises(jw.errors.DeviceError):
+        node.allocate(device=DeviceRef.CPU(42))
+    assert weights.allocated_weights == {}
+
+
+def test_allocate_with_a_jax_device_and_a_sharding(weights: jw.Weights) -> None:
+    device = jax.devices()[5]
+    assert weights.embeddings.weight.allocate(device=device).array.devices() == {device}
+    mesh = jax.sharding.Mesh(jax.devices(), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    w = weights.embeddings.weight.allocate(device=sharding)
+    assert w.device is None and w.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(w.array), weights.embeddings.weight.data().data)
+
+
+def test_weight_behaves_like_an_array(weights: jw.Weights) -> None:
+    w = weights.transformer.layers[0].attention.weight.allocate()
+    x = jnp.ones(8)
+    np.testing.assert_allclose(np.asarray(w @ x), np.asarray(w.array @ x))
+    np.testing.assert_allclose(np.asarray(x @ w), np.asarray(x @ w.array))
+    np.testing.assert_allclose(np.asarray(jnp.asarray(w)), np.asarray(w.array))
+    np.testing.assert_allclose(np.asarray(w), np.asarray(w.array))
+    doubled = jax.jit(lambda t: t.array * 2)(w)  # a pytree: passes through jit
+    np.testing.assert_allclose(np.asarray(doubled), np.asarray(w.array) * 2)
+    assert jax.tree.leaves({"w": w})[0] is w.array
+    assert (w.ndim, w.T.shape, (w + 1).shape, (-w).shape) == (2, (8, 8), (8, 8), (8, 8))
+    assert repr(w) == "Weight('transformer.layers.0.attention.weight', float32[8, 8], cpu:0)"
+
+
+def test_dunder_and_private_lookups_raise_attributeerror(weights: jw.Weights) -> None:
+    for attr in ("__array__", "__array_interface__", "_ipython_display_", "_repr_mimebundle_", "__fspath__"):
+        assert not hasattr(weights, attr)
+    assert hasattr(weights, "_ipython_key_completions_")
+    with pytest.raises(AttributeError, match=r"no attribute 'x'"):
+        weights.x = 1  # type: ignore[attr-defined]
+    np_view = np.asarray(weights.transformer.layers, dtype=object)  # numpy sees a finite sequence
+    assert np_view.shape[0] == 12  # and it terminated: no infinite __getitem__ iteration
+
+
+def test_iteration_len_bool_and_contains_are_finite(weights: jw.Weights) -> None:
+    layers = list(weights.transformer.layers)
+    assert [layer.name for layer in layers[:3]] == [f"transformer.layers.{i}" for i in range(3)]
+    assert layers[-1].name == "transformer.layers.11"  # natural order, not 0, 1, 10, 11, 2
+    assert len(weights.transformer.layers) == 12 and len(weights.embeddings.weight) == 0
+    assert bool(weights.embeddings.weight) and bool(weights.transformer) and not weights.nothing
+    assert 0 in weights.transformer.layers and "attention" in weights.transformer.layers[0]
+    assert 12 not in weights.transformer.layers
+
+
+def test_dir_lists_next_segments_for_tab_completion(weights: jw.Weights) -> None:
+    listing = dir(weights.transformer.layers[0])
+    assert {"attention", "mlp", "norm", "allocate", "items", "exists", "data", "name"} <= set(listing)
+    assert weights.transformer.layers._ipython_key_completions_()[:3] == ["0", "1", "2"]
+
+
+def test_copy_deepcopy_and_pickle(weights: jw.Weights) -> None:
+    node = weights.transformer.layers[2]
+    assert copy.copy(node) is node and copy.deepcopy(node) is node
+    again = pickle.loads(pickle.dumps(node))
+    assert again.name == "transformer.layers.2"
+    np.testing.assert_array_equal(again.mlp.weight.data().data, node.mlp.weight.data().data)
+
+
+def test_repr_summary_and_html(weights: jw.Weights) -> None:
+    assert repr(weights.transformer.layers[0]) == "<Weights 'transformer.layers.0': 3 tensors>"
+    text = weights.summary()
+    assert text.splitlines()[0].startswith(
+        "model.safetensors: 37 tensors, 4,064 parameters, 16.3 kB (float32 x37)"
+    )
+    assert "(x12: 0..11 share this layout)" in text
+    assert "<pre" in weights._repr_html_()
+
+
+def test_metadata_and_info(write_reference: Callable[..., Path]) -> None:
+    weights = jw.load_weights(write_reference({"a": np.ones(3, np.int8)}, metadata={"format": "pt"}))
+    assert weights.metadata == {"format": "pt"}
+    info = weights.a.info
+    assert (info.name, info.dtype, info.shape, info.nbytes) == ("a", DType.int8, (3,), 3)
