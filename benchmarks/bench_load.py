@@ -172,10 +172,9 @@ def main() -> None:
     )
     print(f"{'method':42} {'median ms':>10} {'vs flax':>9} {'vs mmap':>9} {'peak RSS / file':>16}")
     for label, _, path in cases:
-        ratio = rss[label] / (path.stat().st_size / 1e6 * 1e6 / 2**20)
-        print(
-            f"{label:42} {med[label]:10.1f} {flax / med[label]:8.1f}x {med[label] / peer:8.2f}x {ratio:15.2f}x"
-        )
+        file_mib = path.stat().st_size / 2**20
+        ratio = f"{rss[label] / file_mib:15.2f}x" if file_mib > 100 else f"{'-':>16}"
+        print(f"{label:42} {med[label]:10.1f} {flax / med[label]:8.1f}x {med[label] / peer:8.2f}x {ratio}")
 
 
 if __name__ == "__main__":
