@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,10 +26,11 @@ from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 
 from ._buffers import ALIGNMENT, HUGE_PAGE, aligned_empty, populate
 from ._dtypes import DType
+from ._plan import BlockKey, BlockRead, ReadPlan, block_key, plan_reads
 from .errors import DTypeError, ShardingError
 from .formats import Checkpoint, TensorInfo
 
-__all__ = ["is_zero_copy", "place", "resolve_dtype"]
+__all__ = ["check_sharding", "is_zero_copy", "place", "plan_for", "read_blocks", "resolve_dtype"]
 
 _MIN_CHUNK = HUGE_PAGE  # parallel copies split on 2 MiB boundaries
 _MAX_CHUNK = 8 * HUGE_PAGE
@@ -42,20 +44,6 @@ def _executor() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="jaxweights-read")
         return _pool
-
-
-def _run_chunks(total: int, work: Callable[[int, int], None], unit: int = 1) -> None:
-    """Runs ``work(begin, end)`` over [0, total) in chunks whose edges are multiples of ``unit``, in
-    parallel when there is more than one chunk."""
-    workers = _executor()._max_workers
-    step = min(max(-(-total // (2 * workers)), _MIN_CHUNK), _MAX_CHUNK)
-    step = max(unit, -(-step // _MIN_CHUNK) * _MIN_CHUNK // unit * unit)
-    if total <= step:
-        work(0, total)
-        return
-    bounds = [(begin, min(begin + step, total)) for begin in range(0, total, step)]
-    for future in [_executor().submit(work, b, e) for b, e in bounds]:
-        future.result()
 
 
 def resolve_dtype(info: TensorInfo, requested: DType | None) -> DType:
@@ -77,7 +65,8 @@ def resolve_dtype(info: TensorInfo, requested: DType | None) -> DType:
 
 def _canonical(dtype: DType) -> DType:
     """``dtype`` as JAX stores it now (64-bit types narrow unless ``jax_enable_x64`` is on)."""
-    return _canonical_cached(dtype, bool(jax.config.read("jax_enable_x64")))
+    x64 = np.dtype(jax.dtypes.canonicalize_dtype(np.int64)) == np.int64
+    return _canonical_cached(dtype, bool(x64))
 
 
 @cache
@@ -91,6 +80,13 @@ def check_sharding(info: TensorInfo, sharding: Sharding) -> None:
     if isinstance(sharding, SingleDeviceSharding):
         return
     where = f"Tensor {info.name!r} of shape {info.shape} ({info.file})"
+    if not sharding.addressable_devices:
+        raise ShardingError(
+            f"{where}: {sharding} holds none of process {jax.process_index()}'s devices, so this process "
+            f"could hold no part of it. Build meshes from jax.devices() on every process.",
+            file=info.file,
+            tensor=info.name,
+        )
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec)
         if len(spec) > len(info.shape):
@@ -129,145 +125,196 @@ def _all_cpu(sharding: Sharding) -> bool:
     return all(getattr(d, "platform", None) == "cpu" for d in sharding.addressable_devices)
 
 
-def place(checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding) -> jax.Array:
-    """Reads one tensor into a `jax.Array` laid out by ``sharding``, converted to ``dtype``."""
-    check_sharding(info, sharding)
+def place(
+    checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding, *, checked: bool = False
+) -> jax.Array:
+    """Reads one tensor into a `jax.Array` laid out by ``sharding``, converted to ``dtype``.
+
+    Only the blocks this process's devices hold are read, each distinct block once. ``checked`` skips
+    `check_sharding` when the caller already ran it.
+    """
+    if not checked:
+        check_sharding(info, sharding)
     on_cpu = _all_cpu(sharding)
     host_dtype = dtype if on_cpu else info.dtype
+    indices = sharding.addressable_devices_indices_map(info.shape)
+    if info.encoding is not None or info.dtype.is_packed:
+        buffers = _whole_then_slice(checkpoint, info, host_dtype, indices)
+    else:
+        buffers = read_blocks(checkpoint, plan_for(info, sharding), host_dtype, on_cpu)
     if len(sharding.device_set) == 1:
-        host = _host_array(checkpoint, info, host_dtype, on_cpu)
+        (host,) = buffers.values()
         array: jax.Array = jax.device_put(host, sharding)
     else:
-        array = _place_sharded(checkpoint, info, host_dtype, sharding, on_cpu)
+        # make_array_from_callback batches the per-device transfers (7x faster than device_put lists)
+        by_index = {_raw(index): buffers[block_key(index, info.shape)] for index in indices.values()}
+
+        def lookup(index: tuple[slice, ...] | None) -> np.ndarray:
+            found = by_index.get(_raw(index))
+            return found if found is not None else buffers[block_key(index, info.shape)]
+
+        array = jax.make_array_from_callback(info.shape, sharding, lookup)
     if array.dtype != dtype.to_numpy():
         converted: jax.Array = _converter(dtype.value)(array)
         return converted
     return array
 
 
-def _host_array(checkpoint: Checkpoint, info: TensorInfo, dtype: DType, on_cpu: bool) -> np.ndarray:
-    """The whole tensor on the host, as cheaply as the target allows."""
-    if info.dtype.is_packed or info.encoding is not None:
-        host = checkpoint.read(info)
-        return host if dtype is info.dtype else host.astype(dtype.to_numpy())
-    if dtype is info.dtype:
-        if info.is_aligned() or not on_cpu:
-            return checkpoint.view(info)  # CPU: aliased; accelerators: DMA'd straight from the map
-        out = aligned_empty(info.shape, dtype.to_numpy())
-        _read_parallel(checkpoint, info, out)
-        return out
-    return _convert_from_map(checkpoint, info, dtype)
+def plan_for(info: TensorInfo, sharding: Sharding) -> ReadPlan:
+    """`plan_reads` for this process's devices under ``sharding``; layers that share a shape, dtype and
+    sharding share one cached plan (block offsets are relative to the tensor)."""
+    return ReadPlan(info, _blocks(info.shape, info.dtype, sharding))
 
 
-def _read_parallel(checkpoint: Checkpoint, info: TensorInfo, out: np.ndarray, offset: int = 0) -> None:
-    """Fills ``out`` with the tensor's bytes from ``offset`` on, in parallel chunks: each chunk's
-    destination pages are faulted in with one call, copied from the file map, and the map's pages are
-    released behind the copy so resident memory stays near one copy of the data.
+@lru_cache(maxsize=4096)
+def _blocks(shape: tuple[int, ...], dtype: DType, sharding: Sharding) -> tuple[BlockRead, ...]:
+    probe = TensorInfo("", dtype, shape, Path(), 0, math.prod(shape) * dtype.size_in_bytes)
+    return plan_reads(probe, sharding.addressable_devices_indices_map(shape)).blocks
 
-    Measured on a 2-core VM with jax loaded, this runs 3-6x faster than `preadv` into the same buffers.
+
+def _raw(index: tuple[slice, ...] | None) -> tuple[tuple[object, object], ...]:
+    return tuple((part.start, part.stop) for part in index) if index else ()
+
+
+def read_blocks(
+    checkpoint: Checkpoint, plan: ReadPlan, dtype: DType, on_cpu: bool
+) -> dict[BlockKey, np.ndarray]:
+    """Host arrays for every block of a plan, as ``dtype``.
+
+    A block that is one contiguous run in the stored dtype is a view of the file map when XLA can alias
+    it (CPU, 64-byte aligned) or copy from it directly (accelerators). The other blocks share one
+    64-byte aligned arena, laid out in file order, so that adjacent row blocks (a process's share of a
+    row-sharded tensor) are filled by one parallel copy; strided blocks (column shards) are gathered
+    band by band across all blocks.
     """
-    flat = out.reshape(-1).view(np.uint8)
-
-    def work(begin: int, end: int) -> None:
-        populate(flat, begin, end)
-        checkpoint.copy_into(info, flat[begin:end], offset + begin)
-
-    _run_chunks(flat.nbytes, work)
-
-
-def _convert_from_map(checkpoint: Checkpoint, info: TensorInfo, dtype: DType) -> np.ndarray:
-    """One pass from the file map into an aligned buffer of ``dtype``, releasing pages behind it."""
-    source = checkpoint.view(info).reshape(-1)
-    out = aligned_empty(info.shape, dtype.to_numpy())
-    flat = out.reshape(-1)
-    itemsize = info.dtype.size_in_bytes
-
-    def convert(begin: int, end: int) -> None:
-        lo, hi = begin // itemsize, end // itemsize
-        populate(flat, lo * flat.itemsize, hi * flat.itemsize)
-        np.copyto(flat[lo:hi], source[lo:hi], casting="unsafe")
-        checkpoint.release(info, begin, end - begin)
-
-    _run_chunks(info.nbytes, convert, unit=itemsize)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharded placement
-# ---------------------------------------------------------------------------------------------
-
-
-def _index_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape, strict=False)) + tuple(
-        (0, n) for n in shape[len(index) :]
-    )
-
-
-def _place_sharded(
-    checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding, on_cpu: bool
-) -> jax.Array:
-    cache: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-    lock = threading.Lock()
-
-    def callback(index: tuple[slice, ...] | None) -> np.ndarray:
-        key = _index_key(index or (), info.shape)
-        with lock:
-            if key not in cache:
-                cache[key] = _read_block(checkpoint, info, key, dtype, on_cpu)
-            return cache[key]
-
-    return jax.make_array_from_callback(info.shape, sharding, callback)
-
-
-def _read_block(
-    checkpoint: Checkpoint,
-    info: TensorInfo,
-    key: tuple[tuple[int, int], ...],
-    dtype: DType,
-    on_cpu: bool,
-) -> np.ndarray:
-    """The block ``key`` of a tensor on the host, reading only its bytes."""
-    block_shape = tuple(stop - start for start, stop in key)
-    if info.dtype.is_packed or info.encoding is not None:
-        whole = checkpoint.read(info)
-        return np.ascontiguousarray(whole[tuple(slice(a, b) for a, b in key)]).astype(dtype.to_numpy())
-    itemsize = info.dtype.size_in_bytes
-    contiguous = _is_contiguous(key, info.shape)
-    if contiguous and dtype is info.dtype:
-        offset = _flat_offset(key, info.shape) * itemsize
-        nbytes = math.prod(block_shape) * itemsize
-        if on_cpu and (info.start + offset) % ALIGNMENT == 0:
-            return (
-                checkpoint.view(info)
-                .reshape(-1)
-                .view(np.uint8)[offset : offset + nbytes]
-                .view(info.dtype.to_numpy())
-                .reshape(block_shape)
+    info = plan.tensor
+    buffers: dict[BlockKey, np.ndarray] = {}
+    copied: list[BlockRead] = []
+    whole = checkpoint.raw_view(info)
+    for block in plan.blocks:
+        runs_in_place = dtype is info.dtype and block.num_runs <= 1
+        if runs_in_place and (not on_cpu or (info.start + block.offset) % ALIGNMENT == 0):
+            buffers[block.key] = (
+                whole[block.offset : block.offset + block.nbytes].view(dtype.to_numpy()).reshape(block.shape)
             )
-        out = aligned_empty(block_shape, dtype.to_numpy())
-        _read_parallel(checkpoint, info, out, offset)
-        return out
-    source = checkpoint.view(info)[tuple(slice(a, b) for a, b in key)]
-    out = aligned_empty(block_shape, dtype.to_numpy())
-    np.copyto(out, source, casting="unsafe")
-    checkpoint.release(info)
-    return out
+        else:
+            copied.append(block)
+    if not copied:
+        return buffers
+    copied.sort(key=lambda block: block.offset)
+    itemsize = dtype.size_in_bytes
+    sizes = [math.prod(block.shape) * itemsize for block in copied]
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + -(-size // ALIGNMENT) * ALIGNMENT)
+    arena = aligned_empty((starts[-1] + sizes[-1],), np.dtype(np.uint8))
+    tasks: list[Callable[[], None]] = []
+    gathered: list[tuple[BlockKey, np.ndarray]] = []
+    spans: list[list[int]] = []  # [offset in tensor, offset in arena, length]: adjacent runs merged
+    for block, start, size in zip(copied, starts, sizes, strict=True):
+        out = arena[start : start + size].view(dtype.to_numpy()).reshape(block.shape)
+        buffers[block.key] = out
+        if dtype is info.dtype and block.num_runs <= 1:
+            if spans and spans[-1][0] + spans[-1][2] == block.offset and spans[-1][1] + spans[-1][2] == start:
+                spans[-1][2] += size
+            else:
+                spans.append([block.offset, start, size])
+        else:
+            gathered.append((block.key, out))
+    for offset, start, size in spans:
+        tasks += _run_tasks_for(checkpoint, info, arena, start, offset, size)
+    if gathered:
+        tasks += _band_tasks_for(checkpoint, info, gathered, arena)
+    _run_parallel(tasks)
+    return buffers
 
 
-def _is_contiguous(key: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> bool:
-    """True when a block is one byte run: dimensions after the last split one are whole, and those
-    before it have extent 1."""
-    for axis in reversed(range(len(shape))):
-        if key[axis] != (0, shape[axis]):
-            return all(stop - start == 1 for start, stop in key[:axis])
-    return True
+def _chunk_bytes(total: int) -> int:
+    """Bytes per parallel chunk: about two chunks per worker, 2-16 MiB, on 2 MiB boundaries."""
+    workers = _executor()._max_workers
+    step = min(max(-(-total // (2 * workers)), _MIN_CHUNK), _MAX_CHUNK)
+    return -(-step // _MIN_CHUNK) * _MIN_CHUNK
 
 
-def _flat_offset(key: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> int:
-    offset = 0
-    for (start, _), dim in zip(key, shape, strict=True):
-        offset = offset * dim + start
-    return offset
+def _run_tasks_for(
+    checkpoint: Checkpoint, info: TensorInfo, arena: np.ndarray, start: int, offset: int, size: int
+) -> list[Callable[[], None]]:
+    """Tasks copying ``size`` bytes from ``offset`` into the tensor to ``arena[start:]``: each faults its
+    destination in with one call, copies from the file map and releases the file pages behind it."""
+    step = _chunk_bytes(size)
+
+    def task(begin: int, end: int) -> Callable[[], None]:
+        def run() -> None:
+            populate(arena, start + begin, start + end)
+            checkpoint.copy_into(info, arena[start + begin : start + end], offset + begin)
+
+        return run
+
+    return [task(b, min(b + step, size)) for b in range(0, max(size, 1), step)]
+
+
+def _band_tasks_for(
+    checkpoint: Checkpoint, info: TensorInfo, blocks: list[tuple[BlockKey, np.ndarray]], arena: np.ndarray
+) -> list[Callable[[], None]]:
+    """Tasks gathering strided (or converted) blocks, one per band of the tensor's leading axis.
+
+    Each task copies every block's part of its band, then releases the band's file pages: the pages
+    are touched once and released once, however many blocks (column shards) share them.
+    """
+    if not info.shape or info.size == 0:
+
+        def whole() -> None:
+            for key, out in blocks:
+                checkpoint.copy_block(info, out, key)
+
+        return [whole]
+    rows = info.shape[0]
+    row_bytes = max(1, info.nbytes // rows)
+    band = max(1, _chunk_bytes(info.nbytes) // row_bytes)
+    base = arena.ctypes.data
+
+    def task(r0: int, r1: int) -> Callable[[], None]:
+        def run() -> None:
+            for key, out in blocks:
+                (first, last), rest = key[0], key[1:]
+                lo, hi = max(first, r0), min(last, r1)
+                if lo >= hi:
+                    continue
+                part = out[lo - first : hi - first]
+                at = part.ctypes.data - base
+                populate(arena, at, at + part.nbytes)
+                checkpoint.copy_block(info, part, ((lo, hi), *rest), release=False)
+            checkpoint.release(info, r0 * row_bytes, (r1 - r0) * row_bytes)
+
+        return run
+
+    return [task(r, min(r + band, rows)) for r in range(0, rows, band)]
+
+
+def _run_parallel(tasks: list[Callable[[], None]]) -> None:
+    """Runs tasks on the copy pool (inline when there is only one); re-raises the first failure."""
+    if len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    futures = [_executor().submit(task) for task in tasks]
+    for future in futures:
+        future.result()
+
+
+def _whole_then_slice(
+    checkpoint: Checkpoint, info: TensorInfo, dtype: DType, indices: Mapping[Any, tuple[slice, ...] | None]
+) -> dict[BlockKey, np.ndarray]:
+    """Packed (float4) and quantized tensors are not byte-addressable per element: read whole, slice."""
+    whole = checkpoint.read(info)
+    if dtype is not info.dtype and info.encoding is None:
+        whole = whole.astype(dtype.to_numpy())
+    buffers: dict[BlockKey, np.ndarray] = {}
+    for index in indices.values():
+        key = block_key(index, tuple(whole.shape))
+        if key not in buffers:
+            buffers[key] = np.ascontiguousarray(whole[tuple(slice(a, b) for a, b in key)])
+    return buffers
 
 
 @cache

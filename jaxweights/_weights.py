@@ -17,13 +17,17 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Sharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from . import _display
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
+from ._loader import DEFAULT_BUDGET, Job, load_all, planned_bytes
+from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import place, resolve_dtype
+from ._progress import Progress
 from ._quantization import QuantizationEncoding
+from ._rules import Rules, resolve_shardings
 from .errors import (
     DTypeError,
     QuantizationError,
@@ -478,6 +482,91 @@ class Weights:
             original_dtype=info.dtype,
             array=array,
         )
+
+    def allocate_all(
+        self,
+        *,
+        mesh: Mesh | None = None,
+        rules: Rules | None = None,
+        device: Placement = DeviceRef.CPU(),  # noqa: B008 - immutable default
+        dtype: DTypeLike | None = None,
+        strict: bool = False,
+        first_match: bool = False,
+        progress: bool | None = None,
+        max_inflight_bytes: int = DEFAULT_BUDGET,
+    ) -> dict[str, jax.Array]:
+        r"""Allocates every tensor at or under this name, in parallel, sharded by rules.
+
+        Every sharding, dtype and (in a multi-process job) the agreement of all processes on the
+        checkpoint is checked before any byte is read; each process then reads only the blocks its
+        devices hold, each distinct block once.
+
+        Args:
+            mesh: the mesh that rules' `PartitionSpec`s refer to. Unmatched tensors are replicated over it.
+            rules: ``[(regex, PartitionSpec), ...]`` (or a dict) matched with `re.search` against full
+                names, or a callable ``(name, TensorInfo) -> Sharding | PartitionSpec | None``.
+            device: the placement of every tensor when no mesh is given.
+            dtype: converts the floating-point tensors; integer and bool tensors keep their type.
+            strict: raise for tensors no rule matches instead of replicating them.
+            first_match: when several patterns match a name, the first in table order wins (otherwise
+                patterns that disagree are an error).
+            progress: show a progress bar on stderr; None shows one for large loads on a terminal.
+            max_inflight_bytes: bytes being read at once (bounds host staging memory).
+
+        Returns:
+            ``{name relative to this accessor: jax.Array}`` in `items` order; every array is also
+            recorded in `allocated_weights` under its full name.
+
+        Raises:
+            WeightNotFoundError: nothing lives at or under this name.
+            ShardingError: one error listing every tensor that cannot be sharded as asked.
+            CheckpointError: another process of the job loads a different checkpoint.
+
+        Example:
+            >>> import tempfile, jax, numpy as np, jaxweights as jw
+            >>> from jax.sharding import Mesh, PartitionSpec as P
+            >>> path = jw.save_file(
+            ...     {"mlp.w": np.ones((8, 4), np.float32), "mlp.b": np.zeros(4, np.float32)},
+            ...     f"{tempfile.mkdtemp()}/m.safetensors",
+            ... )
+            >>> mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+            >>> arrays = jw.load_weights(path).mlp.allocate_all(mesh=mesh, rules=[(r"\.w$", P("x"))])
+            >>> {name: a.sharding.spec for name, a in arrays.items()}
+            {'b': P(), 'w': P('x',)}
+        """
+        entries = list(self.items())
+        if not entries:
+            raise self._not_found()
+        infos = [accessor.info for _, accessor in entries]
+        check_same_checkpoint(
+            catalogue_digest(infos)
+        )  # first: a process that fails later must not strand others
+        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
+        shardings = resolve_shardings(
+            infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
+        )
+        wanted = DType.from_any(dtype) if dtype is not None else None
+        jobs = [
+            Job(
+                info,
+                resolve_dtype(
+                    info, wanted if wanted and info.dtype.is_float() and not info.encoding else None
+                ),
+                shardings[info.name],
+            )
+            for info in infos
+        ]
+        total = sum(planned_bytes(job.info, job.sharding) for job in jobs)
+        bar = Progress(total, len(jobs), enabled=progress)
+        try:
+            arrays = load_all(
+                self._store.checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=bar
+            )
+        finally:
+            bar.close()
+        with self._store.lock:
+            self._store.allocated.update(arrays)
+        return {relative: arrays[accessor.name] for relative, accessor in entries}
 
     @property
     def allocated_weights(self) -> dict[str, jax.Array]:

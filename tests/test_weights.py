@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jaxweights as jw
 from jaxweights import DeviceRef, DType
@@ -201,3 +202,69 @@ def test_metadata_and_info(write_reference: Callable[..., Path]) -> None:
     assert weights.metadata == {"format": "pt"}
     info = weights.a.info
     assert (info.name, info.dtype, info.shape, info.nbytes) == ("a", DType.int8, (3,), 3)
+
+
+# -- allocate_all --------------------------------------------------------------------------------
+
+
+def test_allocate_all_shards_by_rules_and_records(write_reference: Callable[..., Path]) -> None:
+    rng = np.random.default_rng(3)
+    values = {
+        "model.layers.0.q.weight": rng.standard_normal((16, 8), dtype=np.float32),
+        "model.layers.0.up.weight": rng.standard_normal((8, 32), dtype=np.float32),
+        "model.layers.0.norm.bias": rng.standard_normal(8, dtype=np.float32),
+        "model.pos_ids": np.arange(16, dtype=np.int32),
+        "other.weight": np.ones(3, np.float32),
+    }
+    weights = jw.load_weights(write_reference(values))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+    arrays = weights.model.allocate_all(
+        mesh=mesh, rules=[(r"q\.weight$", P("x", "y")), (r"up\.weight$", P(None, "x"))], dtype="bfloat16"
+    )
+    assert list(arrays) == ["layers.0.norm.bias", "layers.0.q.weight", "layers.0.up.weight", "pos_ids"]
+    assert arrays["layers.0.q.weight"].sharding.spec == P("x", "y")  # type: ignore[attr-defined]
+    assert arrays["layers.0.norm.bias"].sharding.spec == P()  # type: ignore[attr-defined]  # unmatched: replicated
+    assert arrays["layers.0.q.weight"].dtype == jnp.bfloat16
+    assert arrays["pos_ids"].dtype == np.int32  # dtype converts floating tensors only
+    for name, array in arrays.items():
+        expected = values[f"model.{name}"]
+        np.testing.assert_array_equal(np.asarray(array), expected.astype(array.dtype))
+    assert sorted(weights.allocated_weights) == sorted(f"model.{n}" for n in arrays)
+    assert weights.checkpoint.bytes_copied == sum(
+        v.nbytes for k, v in values.items() if k.startswith("model.")
+    )
+
+
+def test_allocate_all_without_mesh_uses_device(transformer: Path) -> None:
+    weights = jw.load_weights(transformer)
+    arrays = weights.transformer.layers[3].allocate_all(device=jw.DeviceRef.CPU(2))
+    assert set(arrays) == {"attention.weight", "mlp.weight", "norm.bias"}
+    assert all(a.devices() == {jax.devices()[2]} for a in arrays.values())
+    single = weights.embeddings.weight.allocate_all()
+    assert list(single) == [""]
+
+
+def test_allocate_all_checks_everything_before_reading(write_reference: Callable[..., Path]) -> None:
+    weights = jw.load_weights(
+        write_reference({"a.w": np.ones((6, 4), np.float32), "a.b": np.ones(6, np.float32)})
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    with pytest.raises(jw.errors.ShardingError, match=r"2 tensor\(s\) cannot be sharded as asked"):
+        weights.allocate_all(mesh=mesh, rules=[(r".*", P("x"))])
+    with pytest.raises(jw.errors.ShardingError, match=r"a.b: no rule matches \(strict=True\)"):
+        weights.allocate_all(mesh=mesh, rules=[(r"\.w$", P(None, "x"))], strict=True)
+    with pytest.raises(WeightNotFoundError, match="No tensor named 'nothing'"):
+        weights.nothing.allocate_all()
+    assert weights.allocated_weights == {} and weights.checkpoint.bytes_copied == 0
+
+
+def test_allocate_all_keeps_aligned_row_shards_zero_copy(tmp_path: Path) -> None:
+    values = {f"w{i}": np.full((64, 32), i, np.float32) for i in range(4)}
+    weights = jw.load_weights(jw.save_file(values, tmp_path / "m.safetensors"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    arrays = weights.allocate_all(mesh=mesh, rules=[(r".*", jax.sharding.PartitionSpec("x"))])
+    assert weights.checkpoint.bytes_copied == 0
+    for name, array in arrays.items():
+        base = weights[name].data().data.ctypes.data
+        for shard in array.addressable_shards:
+            assert shard.data.unsafe_buffer_pointer() == base + shard.index[0].start * 32 * 4

@@ -136,6 +136,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self._open: dict[Path, _OpenFile] = {}
         self._lock = threading.Lock()
         self._bytes_copied = 0
+        self._copy_calls = 0
         self.closed = False
 
     # -- Mapping -----------------------------------------------------------------------------
@@ -234,8 +235,35 @@ class Checkpoint(Mapping[str, TensorInfo]):
             raise ValueError(f"bytes [{offset}, {offset + flat.nbytes}) are outside tensor {info.name!r}")
         np.copyto(flat, self.raw_view(info)[offset : offset + flat.nbytes])
         self.release(info, offset, flat.nbytes)
+        self._count(flat.nbytes)
+
+    def copy_block(
+        self, info: TensorInfo, out: np.ndarray, key: tuple[tuple[int, int], ...], *, release: bool = True
+    ) -> None:
+        """``out[...] = tensor[key]``, converting to ``out.dtype``; ``key`` holds ``(start, stop)`` per
+        dimension. Counts the bytes read and, with ``release``, releases the file pages the block spans
+        (pass False when other blocks still need those pages)."""
+        source = self.view(info)[tuple(slice(start, stop) for start, stop in key)]
+        np.copyto(out, source, casting="unsafe")
+        itemsize = info.dtype.size_in_bytes
+        if source.size and release:
+            strides = [itemsize] * len(info.shape)
+            for axis in range(len(info.shape) - 2, -1, -1):
+                strides[axis] = strides[axis + 1] * info.shape[axis + 1]
+            first = sum(start * stride for (start, _), stride in zip(key, strides, strict=True))
+            last = sum((stop - 1) * stride for (_, stop), stride in zip(key, strides, strict=True)) + itemsize
+            self.release(info, first, last - first)
+        self._count(source.size * itemsize)
+
+    def _count(self, nbytes: int) -> None:
         with self._lock:
-            self._bytes_copied += flat.nbytes
+            self._bytes_copied += nbytes
+            self._copy_calls += 1
+
+    @property
+    def copy_calls(self) -> int:
+        """Copies made out of the files so far (one per contiguous chunk or strided block chunk)."""
+        return self._copy_calls
 
     @property
     def bytes_copied(self) -> int:

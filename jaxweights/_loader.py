@@ -1,0 +1,130 @@
+"""Bulk loads: many tensors placed in parallel by a small thread pool, under a byte budget.
+
+The budget bounds the bytes being read at any moment (host staging memory, on accelerators); a tensor
+larger than the budget runs alone. Each tensor is placed by `_placement.place`, whose copies run on their
+own pool, so the two pools never wait on each other. When every target is a CPU device, tensors are placed
+one after another: the copies already use every core, and the per-tensor work left is bound by the GIL,
+where more threads only add contention (measured: 1.3x slower on 2 cores).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import jax
+from jax.sharding import Sharding
+
+from ._dtypes import DType
+from ._placement import place, plan_for
+from ._progress import Progress
+from .formats import Checkpoint, TensorInfo
+
+__all__ = ["DEFAULT_BUDGET", "Job", "load_all", "planned_bytes"]
+
+DEFAULT_BUDGET = 1 << 30
+"""Bytes in flight at once by default."""
+
+_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class Job:
+    """One tensor to place: what, as which dtype, laid out how."""
+
+    info: TensorInfo
+    dtype: DType
+    sharding: Sharding
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this process reads for the job."""
+        return planned_bytes(self.info, self.sharding)
+
+
+def planned_bytes(info: TensorInfo, sharding: Sharding) -> int:
+    """Bytes this process will read for ``info`` under ``sharding`` (zero-copy views included)."""
+    if info.encoding is not None or info.dtype.is_packed:
+        return info.nbytes
+    return plan_for(info, sharding).nbytes
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._ready = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._ready:
+            self._ready.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._ready:
+            self.used -= nbytes
+            self._ready.notify_all()
+
+
+def load_all(
+    checkpoint: Checkpoint,
+    jobs: Sequence[Job],
+    *,
+    max_inflight_bytes: int = DEFAULT_BUDGET,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> dict[str, jax.Array]:
+    """Places every job; returns ``{name: array}`` in job order. The first failure cancels the rest and
+    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else 4."""
+    budget = _Budget(max(1, max_inflight_bytes))
+    failed = threading.Event()
+
+    def run(job: Job) -> jax.Array:
+        nbytes = planned_bytes(job.info, job.sharding)
+        budget.acquire(nbytes)
+        try:
+            if failed.is_set():
+                raise _CancelledError
+            array = place(checkpoint, job.info, job.dtype, job.sharding, checked=True)
+            array.block_until_ready()
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            budget.release(nbytes)
+        if progress is not None:
+            progress.advance(nbytes)
+        return array
+
+    results: dict[str, jax.Array] = {}
+    if workers is None:
+        workers = 1 if all(_cpu_only(job.sharding) for job in jobs) else _WORKERS
+    if workers <= 1:
+        for job in jobs:
+            results[job.info.name] = run(job)
+        return results
+    with ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="jaxweights-load") as pool:
+        futures: list[tuple[str, Future[jax.Array]]] = [
+            (job.info.name, pool.submit(run, job)) for job in jobs
+        ]
+        first_error: BaseException | None = None
+        for name, future in futures:
+            try:
+                results[name] = future.result()
+            except _CancelledError:
+                continue
+            except BaseException as error:
+                if first_error is None:
+                    first_error = error
+        if first_error is not None:
+            raise first_error
+    return results
+
+
+def _cpu_only(sharding: Sharding) -> bool:
+    return all(getattr(device, "platform", None) == "cpu" for device in sharding.addressable_devices)
+
+
+class _CancelledError(Exception):
+    """A job skipped because an earlier one failed."""

@@ -1,0 +1,84 @@
+"""One process of a multi-process jaxweights test job (run by tests/test_multihost.py, not by pytest).
+
+argv: process_id num_processes port checkpoint scenario result.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
+
+
+def main() -> None:
+    process_id, count, port, path, scenario, out = sys.argv[1:7]
+    pid, n = int(process_id), int(count)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8 // n)
+    jax.distributed.initialize(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=n, process_id=pid, initialization_timeout=60
+    )
+    result: dict[str, Any] = {"process": pid}
+    try:
+        result.update(run(scenario, path, pid, n))
+    except Exception as error:  # reported to the test, which decides
+        result.update(error=type(error).__name__, message=str(error), trace=traceback.format_exc())
+    with open(out, "w") as handle:
+        json.dump(result, handle)
+    jax.distributed.shutdown()
+
+
+def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxweights as jw
+
+    if scenario == "mismatch" and pid == 1:
+        path = path.replace(".safetensors", "-other.safetensors")
+    weights = jw.load_weights(path)
+    devices = np.array(jax.devices())
+    if scenario == "foreign_mesh":
+        devices = np.array([d for d in jax.devices() if d.process_index == 0])
+    line = Mesh(devices, ("x",))
+    grid = Mesh(devices.reshape(2, -1), ("a", "b"))
+
+    def rule(name: str, info: jw.TensorInfo) -> jax.sharding.Sharding | None:
+        if name.startswith("rows"):
+            return NamedSharding(line, P("x"))
+        if name.startswith("cols"):
+            return NamedSharding(line, P(None, "x"))
+        if name.startswith("grid"):
+            return NamedSharding(grid, P("a", "b"))
+        return None
+
+    arrays = weights.allocate_all(mesh=line, rules=rule)
+    sums, shards_ok = {}, True
+    for name, array in arrays.items():
+        reference = weights[name].data().data
+        replicated = NamedSharding(array.sharding.mesh, P())  # type: ignore[attr-defined]
+        total = jax.jit(lambda a: jnp.sum(a.astype(jnp.float32) * 2), out_shardings=replicated)(array)
+        sums[name] = [float(total), float(reference.astype(np.float32).sum() * 2)]
+        for shard in array.addressable_shards:
+            shards_ok &= bool(np.array_equal(np.asarray(shard.data), reference[shard.index]))
+    sharded = sum(weights[k].info.nbytes for k in arrays if k.startswith(("rows", "cols", "grid")))
+    replicated_bytes = sum(
+        weights[k].info.nbytes for k in arrays if not k.startswith(("rows", "cols", "grid"))
+    )
+    return {
+        "sums": sums,
+        "shards_ok": shards_ok,
+        "bytes_copied": weights.checkpoint.bytes_copied,
+        "expected_bytes": sharded // n + replicated_bytes,
+        "checkpoint_bytes": weights.checkpoint.nbytes,
+        "local_devices": len(jax.local_devices()),
+    }
+
+
+if __name__ == "__main__":
+    main()
