@@ -40,6 +40,7 @@ test: lint types unit notebooks docs
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_sharded.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache

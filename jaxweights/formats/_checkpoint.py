@@ -2,8 +2,9 @@
 
 A `Checkpoint` knows where each tensor's bytes are (file, byte range) and reads them two ways: as a
 read-only zero-copy numpy view over a memory map (`view`), or by copying a byte range into a buffer the
-caller owns (`copy_into`), releasing the file pages behind the copy and counting the bytes. It never
-imports jax.
+caller owns with `preadv` (`copy_into`), which maps no file page into the process. Strided blocks are
+gathered from the map (`copy_block`), which can release the pages behind it. Both count the bytes copied.
+It never imports jax.
 """
 
 from __future__ import annotations
@@ -226,16 +227,31 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def copy_into(self, info: TensorInfo, out: np.ndarray, offset: int = 0) -> None:
         """Copies ``out.nbytes`` bytes, starting ``offset`` bytes into the tensor, into ``out``.
 
-        ``out`` must be C-contiguous and writeable. The file pages read are released from this
-        process's map afterwards, and the bytes are added to `bytes_copied`. Threads may copy disjoint
-        ranges at once.
+        Reads with `os.preadv`, so no file page is mapped into the process (resident memory grows by
+        ``out`` alone) and a file that shrank since it was opened raises `CheckpointError` instead of
+        faulting. ``out`` must be C-contiguous and writeable; threads may fill disjoint ranges at once.
+        The bytes are added to `bytes_copied`.
         """
+        if not out.flags.c_contiguous:
+            raise ValueError("copy_into needs a C-contiguous output buffer")
         flat = out.reshape(-1).view(np.uint8)
         if offset < 0 or offset + flat.nbytes > info.nbytes:
             raise ValueError(f"bytes [{offset}, {offset + flat.nbytes}) are outside tensor {info.name!r}")
-        np.copyto(flat, self.raw_view(info)[offset : offset + flat.nbytes])
-        self.release(info, offset, flat.nbytes)
-        self._count(flat.nbytes)
+        handle = self._file(info.file)
+        buffer = flat.data.cast("B")
+        position, done, total = info.start + offset, 0, flat.nbytes
+        while done < total:
+            count = os.preadv(handle.fd, [buffer[done:]], position + done)
+            if count <= 0:
+                raise CheckpointError(
+                    f"{info.file} ended after {position + done} bytes while reading tensor {info.name!r} "
+                    f"(expected {position + total}). The file was truncated or replaced after opening; "
+                    f"re-open the checkpoint.",
+                    file=info.file,
+                    tensor=info.name,
+                )
+            done += count
+        self._count(total)
 
     def copy_block(
         self, info: TensorInfo, out: np.ndarray, key: tuple[tuple[int, int], ...], *, release: bool = True
