@@ -39,8 +39,10 @@ docs: $(STAMP)
 test: lint types unit notebooks docs
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_sharded.py
+	$(PY) benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache

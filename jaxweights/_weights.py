@@ -22,11 +22,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 from . import _display
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
+from ._keymap import KeyMap
 from ._loader import DEFAULT_BUDGET, Job, load_all, planned_bytes
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import place, resolve_dtype
 from ._progress import Progress
+from ._pytree import nest
 from ._quantization import QuantizationEncoding
+from ._restore import restore as restore_tree
 from ._rules import Rules, resolve_shardings
 from .errors import (
     DTypeError,
@@ -36,7 +39,7 @@ from .errors import (
 )
 from .formats import Checkpoint, PathsLike, TensorInfo, open_checkpoint
 
-__all__ = ["Weight", "WeightData", "Weights", "load_weights"]
+__all__ = ["Weight", "WeightData", "Weights", "load_weights", "restore"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,6 +571,133 @@ class Weights:
             self._store.allocated.update(arrays)
         return {relative: arrays[accessor.name] for relative, accessor in entries}
 
+    def to_pytree(
+        self,
+        *,
+        lists: bool = True,
+        shapes_only: bool = False,
+        mesh: Mesh | None = None,
+        rules: Rules | None = None,
+        device: Placement = DeviceRef.CPU(),  # noqa: B008 - immutable default
+        dtype: DTypeLike | None = None,
+        strict: bool = False,
+        first_match: bool = False,
+        progress: bool | None = None,
+    ) -> Any:
+        """The tensors at or under this name as a nested pytree of placed arrays.
+
+        Names relative to this accessor become nested dicts; numbered children that run 0..n-1 become
+        lists (``lists=False`` keeps them as dicts with string keys). Placement, sharding rules and
+        ``dtype`` work as in `allocate_all`. With ``shapes_only`` the leaves are `jax.ShapeDtypeStruct`s
+        carrying their shardings, and nothing is read.
+
+        Raises:
+            StructureMismatchError: a name is both a tensor and a prefix of others (``a``, ``a.b``).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file(
+            ...     {"enc.layer.0.w": np.ones(2, np.float32), "enc.layer.1.w": np.zeros(2, np.float32)},
+            ...     f"{tempfile.mkdtemp()}/m.safetensors",
+            ... )
+            >>> tree = jw.load_weights(path).enc.to_pytree()
+            >>> type(tree["layer"]).__name__, tree["layer"][1]["w"].tolist()
+            ('list', [0.0, 0.0])
+            >>> jw.load_weights(path).enc.to_pytree(shapes_only=True)["layer"][0]["w"]
+            ShapeDtypeStruct(shape=(2,), dtype=float32, sharding=...)
+        """
+        if shapes_only:
+            entries = list(self.items())
+            if not entries:
+                raise self._not_found()
+            infos = [accessor.info for _, accessor in entries]
+            default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
+            shardings = resolve_shardings(
+                infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
+            )
+            wanted = DType.from_any(dtype) if dtype is not None else None
+            leaves = [
+                (
+                    relative,
+                    jax.ShapeDtypeStruct(
+                        info.shape,
+                        resolve_dtype(info, wanted if wanted and info.dtype.is_float() else None).to_numpy(),
+                        sharding=shardings[info.name],
+                    ),
+                )
+                for (relative, _), info in zip(entries, infos, strict=True)
+            ]
+            return nest(leaves, lists=lists)
+        arrays = self.allocate_all(
+            mesh=mesh,
+            rules=rules,
+            device=device,
+            dtype=dtype,
+            strict=strict,
+            first_match=first_match,
+            progress=progress,
+        )
+        return nest(arrays.items(), lists=lists)
+
+    def restore(
+        self,
+        target: Any,
+        *,
+        keymap: KeyMap | None = None,
+        strict: bool = True,
+        cast: bool = False,
+        device: Placement = DeviceRef.CPU(),  # noqa: B008 - immutable default
+        progress: bool | None = None,
+        max_inflight_bytes: int = DEFAULT_BUDGET,
+    ) -> Any:
+        """Fills a target pytree from the tensors at or under this name; returns a new tree.
+
+        The target gives the structure, shapes, dtypes and shardings: a pytree of `jax.Array`s, numpy
+        arrays or `jax.ShapeDtypeStruct`s (abstract, e.g. from `jax.eval_shape`, with or without
+        shardings), a Flax NNX `State` or module (a new module is returned), an Equinox module, an optax
+        state, or any mix. Leaf key paths joined by dots name the tensors, relative to this accessor;
+        ``keymap`` renames them and transforms tensors (`TORCH_TO_FLAX` for PyTorch layouts). Python
+        scalars (a step counter) come from the metadata `jaxweights.save` wrote; functions and other
+        static leaves are kept. Nothing in ``target`` is modified.
+
+        Every difference is checked before any tensor is read and reported in one
+        `StructureMismatchError`, sorted, with close matches: names the target needs but the checkpoint
+        lacks, tensors the checkpoint has but the target does not (under ``strict``), and shape or dtype
+        mismatches (``cast=True`` converts dtypes instead).
+
+        Args:
+            target: the tree to fill.
+            keymap: renames and transforms from target names to checkpoint names.
+            strict: report checkpoint tensors the target does not use (and scalar leaves without a saved
+                value) as errors; with ``strict=False`` they are ignored (scalars keep their values).
+            cast: convert stored dtypes to the target's instead of reporting them.
+            device: placement for target leaves that carry no sharding.
+            progress: progress bar on stderr (None: on for large loads on a terminal).
+            max_inflight_bytes: bytes being read at once.
+
+        Example:
+            >>> import tempfile, jax, jax.numpy as jnp, jaxweights as jw
+            >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+            >>> folder = jw.save(params, f"{tempfile.mkdtemp()}/ckpt")
+            >>> abstract = jax.eval_shape(lambda: params)
+            >>> jw.load_weights(folder).restore(abstract)["dense"]["kernel"].shape
+            (3, 2)
+        """
+        result, arrays = restore_tree(
+            self._store.checkpoint,
+            self._prefix,
+            target,
+            keymap=keymap,
+            strict=strict,
+            cast=cast,
+            device=device,
+            progress=progress,
+            max_inflight_bytes=max_inflight_bytes,
+        )
+        with self._store.lock:
+            self._store.allocated.update(arrays)
+        return result
+
     @property
     def allocated_weights(self) -> dict[str, jax.Array]:
         """Every weight allocated through this tree so far, by full name (shared by all accessors)."""
@@ -684,3 +814,15 @@ def load_weights(paths: PathsLike) -> Weights:
         ['a.w', 'b.w']
     """
     return Weights(_Store(open_checkpoint(paths)))
+
+
+def restore(paths: PathsLike, target: Any, **options: Any) -> Any:
+    """`load_weights(paths).restore(target, **options)`: a checkpoint into a target pytree in one call.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+        >>> folder = jw.save({"w": jnp.arange(3.0)}, f"{tempfile.mkdtemp()}/ckpt")
+        >>> jw.restore(folder, {"w": jnp.zeros(3)})["w"].tolist()
+        [0.0, 1.0, 2.0]
+    """
+    return load_weights(paths).restore(target, **options)

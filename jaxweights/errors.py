@@ -13,12 +13,14 @@ import os
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "DTypeError",
     "DeviceError",
     "DuplicateTensorError",
     "QuantizationError",
     "ShapeMismatchError",
     "ShardingError",
+    "StructureMismatchError",
     "UnsupportedFormatError",
     "WeightNotFoundError",
     "WeightsError",
@@ -91,3 +93,11 @@ class DeviceError(WeightsError, ValueError):
 
 class ShardingError(WeightsError, ValueError):
     """A sharding does not fit a tensor: rank mismatch, or a dimension that does not divide evenly."""
+
+
+class StructureMismatchError(WeightsError, ValueError):
+    """A target pytree and a checkpoint disagree: missing, unexpected or mismatched tensors (all listed)."""
+
+
+class CheckpointWriteError(WeightsError, OSError):
+    """Saving failed (no space, read-only folder, a file where a folder should be); nothing was replaced."""

@@ -183,8 +183,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        try:  # noqa: SIM105 - at interpreter shutdown contextlib may already be gone
             self.close()
+        except Exception:
+            pass
 
     # -- reading -----------------------------------------------------------------------------
     def raw_view(self, info: TensorInfo) -> np.ndarray:

@@ -14,9 +14,9 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -30,7 +30,19 @@ from ..errors import (
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
 
-__all__ = ["INDEX_NAME", "open_safetensors", "read_header", "save_file"]
+__all__ = [
+    "INDEX_NAME",
+    "TensorSpec",
+    "fsync_dir",
+    "layout",
+    "open_safetensors",
+    "read_header",
+    "save_file",
+    "spec_of",
+    "write_array",
+    "write_bytes",
+    "write_file",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
@@ -363,30 +375,136 @@ def _open_safetensors(paths: Sequence[Path]) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------
 
 
-def _layout(arrays: Mapping[str, np.ndarray]) -> list[str]:
+class TensorSpec(NamedTuple):
+    """A tensor to write: its name, dtype and shape (the bytes come later, from a callback)."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in the file."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.size_in_bits // 8
+
+
+WriteTensor = Callable[[TensorSpec, BinaryIO], None]
+"""Writes exactly ``spec.nbytes`` bytes of one tensor at the file's current position."""
+
+
+def layout(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """Data order that starts as many bytes as possible on 64-byte boundaries, with no gaps (the
     reference reader rejects gaps). Tensors whose size is a multiple of 64 go first, in the caller's
     order, and all start aligned; the rest are placed greedily: the largest one whenever the offset is
     aligned, else one whose size brings the offset back to alignment, else the smallest."""
-    sizes = {name: _stored_nbytes(array) for name, array in arrays.items()}
-    order = [n for n in arrays if sizes[n] % ALIGNMENT == 0]
-    rest = sorted((n for n in arrays if sizes[n] % ALIGNMENT), key=lambda n: sizes[n])
-    offset = 0
+    order = [spec for spec in specs if spec.nbytes % ALIGNMENT == 0]
+    rest = sorted((spec for spec in specs if spec.nbytes % ALIGNMENT), key=lambda spec: spec.nbytes)
+    offset = sum(spec.nbytes for spec in order)
     while rest:
         gap = -offset % ALIGNMENT
         if gap == 0:
             pick = rest[-1]
         else:
-            pick = next((n for n in reversed(rest) if sizes[n] % ALIGNMENT == gap), rest[0])
+            pick = next((spec for spec in reversed(rest) if spec.nbytes % ALIGNMENT == gap), rest[0])
         rest.remove(pick)
         order.append(pick)
-        offset += sizes[pick]
+        offset += pick.nbytes
     return order
 
 
-def _stored_nbytes(array: np.ndarray) -> int:
-    dtype = DType.from_numpy(array.dtype)
-    return array.size * dtype.size_in_bits // 8
+def header_bytes(
+    specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[TensorSpec]]:
+    """The header (length prefix included, padded so data starts 64-byte aligned) and the data order."""
+    header: dict[str, Any] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("metadata must map strings to strings (safetensors stores text only).")
+        header["__metadata__"] = dict(metadata)
+    seen: set[str] = set()
+    for spec in specs:
+        if not isinstance(spec.name, str):
+            raise TypeError(f"Tensor names must be strings, found {spec.name!r}.")
+        if spec.name in seen or spec.name == "__metadata__":
+            raise CheckpointError(f"Tensor name {spec.name!r} is used twice (or reserved).", tensor=spec.name)
+        seen.add(spec.name)
+        if spec.dtype.is_packed and _count(spec) % 2:
+            raise CheckpointError(
+                f"Tensor {spec.name!r}: float4 tensors need an even element count.", tensor=spec.name
+            )
+    order = layout(specs)
+    entries: dict[str, Any] = {}
+    offset = 0
+    for spec in order:
+        entries[spec.name] = {
+            "dtype": DTYPE_TO_SAFETENSORS[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    header.update({spec.name: entries[spec.name] for spec in specs})  # the header keeps the caller's order
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def _count(spec: TensorSpec) -> int:
+    count = 1
+    for dim in spec.shape:
+        count *= dim
+    return count
+
+
+def write_file(
+    path: str | os.PathLike[str],
+    specs: Sequence[TensorSpec],
+    write: WriteTensor,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes a safetensors file whose tensor bytes come from ``write``, one tensor at a time.
+
+    The file is written under a temporary name in the same folder, fsynced, then renamed over ``path``;
+    on any failure the temporary file is removed and an existing ``path`` is untouched.
+    """
+    path = Path(path)
+    prefix, order = header_bytes(specs, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(prefix)
+            for spec in order:
+                start = out.tell()
+                write(spec, out)
+                if out.tell() - start != spec.nbytes:
+                    raise CheckpointError(
+                        f"Writing tensor {spec.name!r} produced {out.tell() - start} bytes, expected "
+                        f"{spec.nbytes} ({spec.dtype.name}{list(spec.shape)}).",
+                        file=path,
+                        tensor=spec.name,
+                    )
+            out.truncate(out.tell())  # materialises trailing holes left by all-zero tensors
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_name, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+    return path
+
+
+def spec_of(name: str, value: Any) -> TensorSpec:
+    """The spec of an array-like, read from its ``shape``/``dtype`` without converting it."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        value = np.asarray(value)
+        shape, dtype = value.shape, value.dtype
+    return TensorSpec(name, DType.from_any(np.dtype(dtype)), tuple(int(d) for d in shape))
 
 
 def save_file(
@@ -394,13 +512,14 @@ def save_file(
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Writes numpy-convertible arrays to a safetensors file, atomically, with 64-byte aligned data.
+    """Writes arrays (numpy, jax, anything numpy converts) to a safetensors file, atomically, aligned.
 
     The header is padded so the data section starts on a 64-byte boundary, and tensors are ordered so
     that every tensor whose size is a multiple of 64 bytes starts aligned: jaxweights then loads them
     to CPU without a copy. The result is a standard safetensors file (contiguous data, no gaps) that
-    `safetensors` itself reads. The file appears under its name only once complete (temporary file,
-    fsync, rename); the caller's arrays are never modified.
+    `safetensors` itself reads. Arrays are converted to host memory one at a time, as they are written;
+    the file appears under its name only once complete (temporary file, fsync, rename); the caller's
+    arrays and dict are never modified.
 
     Example:
         >>> import tempfile, numpy as np, jaxweights as jw
@@ -409,64 +528,40 @@ def save_file(
         >>> jw.load_weights(path).w.data().shape
         (2, 3)
     """
-    path = Path(path)
-    arrays = {name: np.asarray(value) for name, value in tensors.items()}
-    header: dict[str, Any] = {}
-    if metadata:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("metadata must map strings to strings (safetensors stores text only).")
-        header["__metadata__"] = dict(metadata)
-    for name, array in arrays.items():
-        if not isinstance(name, str):
-            raise TypeError(f"Tensor names must be strings, found {name!r}.")
-        DType.from_numpy(array.dtype)  # raises a DTypeError naming the type
-        if DType.from_numpy(array.dtype).is_packed and array.size % 2:
-            raise CheckpointError(f"Tensor {name!r}: float4 tensors need an even element count.", tensor=name)
-    offset = 0
-    order = _layout(arrays)
-    entries: dict[str, Any] = {}
-    for name in order:
-        array = arrays[name]
-        size = _stored_nbytes(array)
-        entries[name] = {
-            "dtype": DTYPE_TO_SAFETENSORS[DType.from_numpy(array.dtype)],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    header.update({name: entries[name] for name in arrays})  # header keeps the caller's order
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-(8 + len(text)) % ALIGNMENT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(struct.pack("<Q", len(text)))
-            out.write(text)
-            for name in order:
-                _write_array(out, arrays[name])
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp_name, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    return path
+    specs = [spec_of(name, value) for name, value in tensors.items()]
+    return write_file(path, specs, lambda spec, out: write_array(out, tensors[spec.name]), metadata)
 
 
-def _write_array(out: Any, array: np.ndarray) -> None:
-    dtype = DType.from_numpy(array.dtype)
-    data = np.ascontiguousarray(array)
+def write_array(out: BinaryIO, value: Any) -> None:
+    """Writes one array's bytes (little-endian; float4 packed two per byte) at the current position."""
+    data = np.ascontiguousarray(np.asarray(value))
+    dtype = DType.from_numpy(data.dtype)
     if data.dtype.byteorder == ">":
         data = data.byteswap().view(data.dtype.newbyteorder("<"))
     if dtype.is_packed:
         data = pack_nibbles(data)
-    out.write(data.reshape(-1).view(np.uint8).data)
+    write_bytes(out, data.reshape(-1).view(np.uint8))
 
 
-def _fsync_dir(folder: Path) -> None:
+def is_zero(data: np.ndarray) -> bool:
+    """True when every byte is zero; cheap for typical data (the ends are looked at first)."""
+    if data.size == 0 or data[:64].any() or data[-64:].any():
+        return False
+    return not data.any()
+
+
+def write_bytes(out: BinaryIO, data: np.ndarray) -> None:
+    """Writes uint8 ``data`` at the current position; all-zero data (a fresh optimizer's moments, zero
+    biases) becomes a hole in a sparse file instead (`write_file` sets the final size), which readers see
+    as the same zeros without the disk write."""
+    if data.nbytes >= 4096 and is_zero(data):
+        out.seek(data.nbytes, os.SEEK_CUR)
+    else:
+        out.write(data.data)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Makes a folder's entries (new or renamed files) durable."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory handles

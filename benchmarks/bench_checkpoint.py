@@ -1,0 +1,168 @@
+"""Save and restore a ~1 GB params + Adam state pytree, sharded over 8 CPU devices: jaxweights vs Orbax.
+
+Each (method, phase) runs in a fresh process, methods shuffled each round. Save: from placed, sharded
+arrays to durable files; restore: into abstract targets (`jax.ShapeDtypeStruct`s with the same shardings).
+Peak RSS during save is reported over the baseline (the tree already in memory), as a multiple of the
+largest tensor.
+
+    python benchmarks/bench_checkpoint.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WORKER = r"""
+import json, sys, time, os
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np, jax.numpy as jnp, optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+method, phase, folder, kind = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+mesh = Mesh(np.array(jax.devices()), ("x",))
+D, F, L = 1024, 4096, 8
+
+def init():
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 4 * L + 1))
+    params = {"embed": jax.random.normal(next(keys), (32000, D))}
+    for i in range(L):
+        params[f"layer_{i}"] = {"attn": jax.random.normal(next(keys), (D, 4 * D)),
+                                "mlp_in": jax.random.normal(next(keys), (D, F)),
+                                "mlp_out": jax.random.normal(next(keys), (F, D)), "norm": jnp.ones(D)}
+    return params
+
+def shard(tree):
+    return jax.tree.map(lambda x: NamedSharding(mesh, P("x") if x.ndim == 2 else P()), tree)
+
+def make_state():
+    # "trained": Adam's moments hold real values; "fresh": they are zeros, as at step 0.
+    params = init()
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+    if kind == "trained":
+        grads = jax.tree.map(lambda p: p * 0.01 + 0.001, params)
+        _, opt_state = tx.update(grads, opt_state, params)
+    return {"params": params, "opt_state": opt_state, "step": 0}
+
+abstract = jax.eval_shape(make_state)
+shardings = shard(abstract)
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+if phase == "save":
+    state = jax.jit(make_state, out_shardings=shardings)()
+    state["step"] = 1000
+    jax.block_until_ready(state)
+    largest = max(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    total = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    open("/proc/self/clear_refs", "w").write("5")
+    base = rss("VmRSS")
+    start = time.perf_counter()
+    if method == "jaxweights":
+        import jaxweights as jw
+        jw.save(state, folder)
+    else:
+        import orbax.checkpoint as ocp
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(folder, state)
+        checkpointer.wait_until_finished()
+    ms = (time.perf_counter() - start) * 1e3
+    print(json.dumps({"ms": ms, "peak_over_largest": (rss("VmHWM") - base) / largest, "bytes": total}))
+else:
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+    target["step"] = 0
+    start = time.perf_counter()
+    if method == "jaxweights":
+        import jaxweights as jw
+        restored = jw.restore(folder, target)
+    else:
+        import orbax.checkpoint as ocp
+        target["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+        restored = ocp.StandardCheckpointer().restore(folder, target)
+    jax.block_until_ready(restored)
+    ms = (time.perf_counter() - start) * 1e3
+    assert int(restored["step"]) == 1000
+    print(json.dumps({"ms": ms}))
+"""
+
+USER_CODE = {
+    "jaxweights": ["restored = jw.restore(folder, target)"],
+    "orbax": ["checkpointer = ocp.StandardCheckpointer()", "restored = checkpointer.restore(folder, target)"],
+}
+
+
+def run(method: str, phase: str, folder: Path, kind: str) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, method, phase, str(folder), kind],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    if out.returncode:
+        raise RuntimeError(f"{method} {phase} failed:\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=HERE / "_data" / "checkpoints")
+    parser.add_argument(
+        "--state",
+        choices=["trained", "fresh"],
+        default="trained",
+        help="Adam moments real (trained) or zero (fresh)",
+    )
+    args = parser.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    shuffler, started = random.Random(0), time.time()
+    for round_ in range(args.runs):
+        for method in shuffler.sample(["jaxweights", "orbax"], 2):
+            folder = (args.data / method).resolve()
+            if method == "orbax":
+                shutil.rmtree(folder, ignore_errors=True)  # Orbax refuses to overwrite
+            results.setdefault((method, "save"), []).append(run(method, "save", folder, args.state))
+            results.setdefault((method, "restore"), []).append(run(method, "restore", folder, args.state))
+        print(f"round {round_ + 1}/{args.runs} ({time.time() - started:.0f} s)", file=sys.stderr)
+
+    def med(method: str, phase: str, key: str = "ms") -> float:
+        return statistics.median(r[key] for r in results[(method, phase)])
+
+    size = results[("jaxweights", "save")][0]["bytes"] / 2**30
+    print(
+        f"\n{size:.2f} GiB params + {args.state} Adam state, 8 CPU devices, rows sharded, {args.runs} runs (medians)"
+    )
+    print(
+        f"{'':12} {'save ms':>9} {'restore ms':>11} {'save peak RSS / largest tensor':>31} {'restore lines':>14}"
+    )
+    for method in ("orbax", "jaxweights"):
+        print(
+            f"{method:12} {med(method, 'save'):9.0f} {med(method, 'restore'):11.0f} "
+            f"{med(method, 'save', 'peak_over_largest'):30.2f}x {len(USER_CODE[method]):14d}"
+        )
+    print(
+        f"jaxweights vs orbax: save {med('orbax', 'save') / med('jaxweights', 'save'):.1f}x faster, "
+        f"restore {med('orbax', 'restore') / med('jaxweights', 'restore'):.1f}x faster"
+    )
+
+
+if __name__ == "__main__":
+    main()
