@@ -131,8 +131,16 @@ def place(
     """Reads one tensor into a `jax.Array` laid out by ``sharding``, converted to ``dtype``.
 
     Only the blocks this process's devices hold are read, each distinct block once. ``checked`` skips
-    `check_sharding` when the caller already ran it.
+    `check_sharding` when the caller already ran it. Called inside a trace (a `Graph` function that
+    allocates), it still returns a concrete array: weights never become traced constants.
     """
+    with jax.ensure_compile_time_eval():
+        return _place(checkpoint, info, dtype, sharding, checked=checked)
+
+
+def _place(
+    checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding, *, checked: bool
+) -> jax.Array:
     if not checked:
         check_sharding(info, sharding)
     on_cpu = _all_cpu(sharding)

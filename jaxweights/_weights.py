@@ -144,7 +144,7 @@ class Weight:
         sharding: the array's `jax.sharding.Sharding`.
         quantization_encoding: block encoding of quantized weights, else None.
         original_dtype: the dtype stored in the file.
-        array: the placed `jax.Array`.
+        value: the placed `jax.Array`, or None for a weight declared on a `Graph` (see `array`).
     """
 
     name: str
@@ -154,10 +154,37 @@ class Weight:
     sharding: Sharding
     quantization_encoding: QuantizationEncoding | None
     original_dtype: DType
-    array: jax.Array = field(repr=False)
+    value: jax.Array | None = field(repr=False)
+
+    @property
+    def array(self) -> jax.Array:
+        """The placed `jax.Array`.
+
+        Raises:
+            ValueError: the weight was declared on a `Graph` without data (bind the graph first).
+        """
+        return self._value()
+
+    @property
+    def declared(self) -> bool:
+        """True for a weight declared on a `Graph` without data (its array is bound later)."""
+        return self.value is None
+
+    @property
+    def abstract(self) -> jax.ShapeDtypeStruct:
+        """The weight as a `jax.ShapeDtypeStruct` with its sharding (what a graph compiles against)."""
+        return jax.ShapeDtypeStruct(self.shape, self.dtype.to_numpy(), sharding=self.sharding)
+
+    def _value(self) -> jax.Array:
+        if self.value is None:
+            raise ValueError(
+                f"Weight {self.name!r} is declared ({self.dtype.name}{list(self.shape)}) but has no data yet; "
+                f"bind its graph to a checkpoint (graph.bind(...)) and use graph.add_weight(weight)."
+            )
+        return self.value
 
     def tree_flatten(self) -> tuple[tuple[Any], tuple[Any, ...]]:
-        return (self.array,), (
+        return (self.value,), (
             self.name,
             self.dtype,
             self.shape,
@@ -170,13 +197,13 @@ class Weight:
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> Weight:
         name, dtype, shape, device, sharding, encoding, original = aux
-        return cls(name, dtype, shape, device, sharding, encoding, original, array=children[0])
+        return cls(name, dtype, shape, device, sharding, encoding, original, value=children[0])
 
     def __jax_array__(self) -> jax.Array:
-        return self.array
+        return self._value()
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        host = np.asarray(self.array)
+        host = np.asarray(self._value())
         return host if dtype is None else host.astype(dtype)
 
     @property
@@ -187,47 +214,48 @@ class Weight:
     @property
     def T(self) -> Any:  # noqa: N802 - array API name
         """The transposed array."""
-        return self.array.T
+        return self._value().T
 
     def __getitem__(self, index: Any) -> Any:
-        return self.array[index]
+        return self._value()[index]
 
     def __matmul__(self, other: Any) -> Any:
-        return self.array @ other
+        return self._value() @ other
 
     def __rmatmul__(self, other: Any) -> Any:
-        return other @ self.array
+        return other @ self._value()
 
     def __add__(self, other: Any) -> Any:
-        return self.array + other
+        return self._value() + other
 
     def __radd__(self, other: Any) -> Any:
-        return other + self.array
+        return other + self._value()
 
     def __sub__(self, other: Any) -> Any:
-        return self.array - other
+        return self._value() - other
 
     def __rsub__(self, other: Any) -> Any:
-        return other - self.array
+        return other - self._value()
 
     def __mul__(self, other: Any) -> Any:
-        return self.array * other
+        return self._value() * other
 
     def __rmul__(self, other: Any) -> Any:
-        return other * self.array
+        return other * self._value()
 
     def __truediv__(self, other: Any) -> Any:
-        return self.array / other
+        return self._value() / other
 
     def __rtruediv__(self, other: Any) -> Any:
-        return other / self.array
+        return other / self._value()
 
     def __neg__(self) -> Any:
-        return -self.array
+        return -self._value()
 
     def __repr__(self) -> str:
         where = str(self.device) if self.device is not None else repr(self.sharding)
-        return f"Weight({self.name!r}, {self.dtype.name}{list(self.shape)}, {where})"
+        declared = ", declared" if self.value is None else ""
+        return f"Weight({self.name!r}, {self.dtype.name}{list(self.shape)}, {where}{declared})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,11 +263,15 @@ class Weight:
 # ---------------------------------------------------------------------------------------------
 
 
+_graph_reuse: Any = None  # set by jaxweights._graph: inside a graph's trace, reuse an already-bound weight
+
+
 class _Store:
     """What every accessor of one tree shares: the catalogue, its sorted names, allocated arrays."""
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, *, declaring: bool = False) -> None:
         self.checkpoint = checkpoint
+        self.declaring = declaring  # a graph's weights() without a checkpoint: allocate() declares
         self.names = sorted(checkpoint)
         self.allocated: dict[str, jax.Array] = {}
         self.lock = threading.Lock()
@@ -443,6 +475,8 @@ class Weights:
             QuantizationError: ``quantization_encoding`` differs from the stored encoding.
             DTypeError, DeviceError, ShardingError: the dtype, device or sharding cannot be used.
         """
+        if self._store.declaring and not self.exists():
+            return self._declare(dtype, shape, quantization_encoding, device)
         info = self.info
         if shape is not None:
             wanted = _as_shape(shape, info)
@@ -472,7 +506,8 @@ class Weights:
             )
         target = resolve_dtype(info, DType.from_any(dtype) if dtype is not None else None)
         sharding = to_sharding(device)
-        array = place(self._store.checkpoint, info, target, sharding)
+        reused = _graph_reuse(info.name, target, sharding) if _graph_reuse is not None else None
+        array = reused if reused is not None else place(self._store.checkpoint, info, target, sharding)
         with self._store.lock:
             self._store.allocated[info.name] = array
         return Weight(
@@ -483,7 +518,40 @@ class Weights:
             sharding=array.sharding,
             quantization_encoding=info.encoding,
             original_dtype=info.dtype,
-            array=array,
+            value=array,
+        )
+
+    def _declare(
+        self,
+        dtype: DTypeLike | None,
+        shape: Iterable[int] | None,
+        quantization_encoding: QuantizationEncoding | str | None,
+        device: Placement,
+    ) -> Weight:
+        """A weight with no data, for a `Graph` whose checkpoint is bound later."""
+        if dtype is None or shape is None:
+            raise ValueError(
+                f"Weight {self._prefix!r} has no checkpoint behind it, so allocate() declares it and needs "
+                f"both dtype= and shape= (got dtype={dtype!r}, shape={shape!r})."
+            )
+        dims = tuple(shape)
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise ShapeMismatchError(
+                f"Weight {self._prefix!r}: shape {dims} must hold non-negative integers."
+            )
+        target = DType.from_any(dtype)
+        sharding = to_sharding(device)
+        return Weight(
+            name=self._prefix,
+            dtype=target,
+            shape=tuple(int(d) for d in dims),
+            device=device if isinstance(device, DeviceRef) else None,
+            sharding=sharding,
+            quantization_encoding=QuantizationEncoding.from_any(quantization_encoding)
+            if quantization_encoding
+            else None,
+            original_dtype=target,
+            value=None,
         )
 
     def allocate_all(
