@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_checkpoint.py
+	$(PY) benchmarks/bench_minilm.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache
