@@ -72,11 +72,21 @@ def load_all(
     jobs: Sequence[Job],
     *,
     max_inflight_bytes: int = DEFAULT_BUDGET,
-    progress: Progress | None = None,
+    progress: Progress | bool | None = None,
     workers: int | None = None,
 ) -> dict[str, jax.Array]:
     """Places every job; returns ``{name: array}`` in job order. The first failure cancels the rest and
-    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else 4."""
+    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else 4. ``progress`` is a
+    `Progress` to advance, or whether to draw one (None: for large loads on a terminal)."""
+    if not isinstance(progress, Progress):
+        total = sum(job.nbytes for job in jobs)
+        bar = Progress(total, len(jobs), enabled=progress)
+        try:
+            return load_all(
+                checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=bar, workers=workers
+            )
+        finally:
+            bar.close()
     budget = _Budget(max(1, max_inflight_bytes))
     failed = threading.Event()
 

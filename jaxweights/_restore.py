@@ -23,7 +23,6 @@ from ._keymap import KeyMap, Transform, Transpose, transformed_shape
 from ._loader import DEFAULT_BUDGET, Job, load_all
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import check_sharding
-from ._progress import Progress
 from ._pytree import Leaf, flatten_target, is_array_like, split_module
 from .errors import StructureMismatchError
 from .formats import Checkpoint, TensorInfo
@@ -175,12 +174,7 @@ def restore(
             load_sharding = _replicated_over(tensor.sharding)
         check_sharding(tensor.info, load_sharding)
         jobs.append(Job(tensor.info, tensor.dtype, load_sharding))
-    total = sum(t.info.nbytes for t in tensors)
-    bar = Progress(total, len(jobs), enabled=progress)
-    try:
-        arrays = load_all(checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=bar)
-    finally:
-        bar.close()
+    arrays = load_all(checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=progress)
     positions = {id(leaf): position for position, leaf in enumerate(leaves)}
     for tensor in tensors:
         array = arrays[tensor.info.name]

@@ -23,10 +23,9 @@ from . import _display
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
 from ._keymap import KeyMap
-from ._loader import DEFAULT_BUDGET, Job, load_all, planned_bytes
+from ._loader import DEFAULT_BUDGET, Job, load_all
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import place, resolve_dtype
-from ._progress import Progress
 from ._pytree import nest
 from ._quantization import QuantizationEncoding
 from ._restore import restore as restore_tree
@@ -554,6 +553,41 @@ class Weights:
             value=None,
         )
 
+    def _jobs(
+        self,
+        mesh: Mesh | None,
+        rules: Rules | None,
+        device: Placement,
+        dtype: DTypeLike | None,
+        strict: bool,
+        first_match: bool,
+        *,
+        check_processes: bool,
+    ) -> tuple[list[tuple[str, Weights]], list[Job]]:
+        """The tensors under this name and how each is to be placed, every check done, nothing read."""
+        entries = list(self.items())
+        if not entries:
+            raise self._not_found()
+        infos = [accessor.info for _, accessor in entries]
+        if check_processes:  # first: a process that fails a later check must not strand the others
+            check_same_checkpoint(catalogue_digest(infos))
+        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
+        shardings = resolve_shardings(
+            infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
+        )
+        wanted = DType.from_any(dtype) if dtype is not None else None
+        jobs = [
+            Job(
+                info,
+                resolve_dtype(
+                    info, wanted if wanted and info.dtype.is_float() and not info.encoding else None
+                ),
+                shardings[info.name],
+            )
+            for info in infos
+        ]
+        return entries, jobs
+
     def allocate_all(
         self,
         *,
@@ -605,36 +639,10 @@ class Weights:
             >>> {name: a.sharding.spec for name, a in arrays.items()}
             {'b': P(), 'w': P('x',)}
         """
-        entries = list(self.items())
-        if not entries:
-            raise self._not_found()
-        infos = [accessor.info for _, accessor in entries]
-        check_same_checkpoint(
-            catalogue_digest(infos)
-        )  # first: a process that fails later must not strand others
-        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
-        shardings = resolve_shardings(
-            infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
+        entries, jobs = self._jobs(mesh, rules, device, dtype, strict, first_match, check_processes=True)
+        arrays = load_all(
+            self._store.checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=progress
         )
-        wanted = DType.from_any(dtype) if dtype is not None else None
-        jobs = [
-            Job(
-                info,
-                resolve_dtype(
-                    info, wanted if wanted and info.dtype.is_float() and not info.encoding else None
-                ),
-                shardings[info.name],
-            )
-            for info in infos
-        ]
-        total = sum(planned_bytes(job.info, job.sharding) for job in jobs)
-        bar = Progress(total, len(jobs), enabled=progress)
-        try:
-            arrays = load_all(
-                self._store.checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=bar
-            )
-        finally:
-            bar.close()
         with self._store.lock:
             self._store.allocated.update(arrays)
         return {relative: arrays[accessor.name] for relative, accessor in entries}
@@ -675,25 +683,10 @@ class Weights:
             ShapeDtypeStruct(shape=(2,), dtype=float32, sharding=...)
         """
         if shapes_only:
-            entries = list(self.items())
-            if not entries:
-                raise self._not_found()
-            infos = [accessor.info for _, accessor in entries]
-            default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
-            shardings = resolve_shardings(
-                infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
-            )
-            wanted = DType.from_any(dtype) if dtype is not None else None
+            entries, jobs = self._jobs(mesh, rules, device, dtype, strict, first_match, check_processes=False)
             leaves = [
-                (
-                    relative,
-                    jax.ShapeDtypeStruct(
-                        info.shape,
-                        resolve_dtype(info, wanted if wanted and info.dtype.is_float() else None).to_numpy(),
-                        sharding=shardings[info.name],
-                    ),
-                )
-                for (relative, _), info in zip(entries, infos, strict=True)
+                (relative, jax.ShapeDtypeStruct(job.info.shape, job.dtype.to_numpy(), sharding=job.sharding))
+                for (relative, _), job in zip(entries, jobs, strict=True)
             ]
             return nest(leaves, lists=lists)
         arrays = self.allocate_all(

@@ -110,6 +110,15 @@ def test_index_tensor_missing_from_its_file(write_reference: Callable[..., Path]
         jw.load_weights(index)
 
 
+def test_index_with_a_name_twice(write_reference: Callable[..., Path], tmp_path: Path) -> None:
+    write_reference({"x": np.ones(2, np.float32)}, "one.safetensors")
+    write_reference({"x": np.zeros(2, np.float32)}, "two.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"x": "one.safetensors", "x": "two.safetensors"}}')
+    with pytest.raises(CheckpointError, match=r"names 'x' twice"):
+        jw.load_weights(index)
+
+
 def test_index_that_is_not_an_index(tmp_path: Path) -> None:
     index = tmp_path / "model.safetensors.index.json"
     index.write_text("[1, 2]")

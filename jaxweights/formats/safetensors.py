@@ -243,7 +243,13 @@ def _check_overlaps(path: Path, tensors: list[TensorInfo]) -> None:
 
 def _read_index(index_path: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     try:
-        index = json.loads(index_path.read_bytes().decode("utf-8"))
+        index = json.loads(index_path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except _DuplicateKeyError as error:
+        raise CheckpointError(
+            f"{index_path} names {error.key!r} twice; readers would disagree on which entry wins.",
+            file=index_path,
+            tensor=error.key,
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{index_path} is not a valid JSON index ({error}).", file=index_path) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
