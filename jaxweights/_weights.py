@@ -144,6 +144,15 @@ class Weight:
         quantization_encoding: block encoding of quantized weights, else None.
         original_dtype: the dtype stored in the file.
         value: the placed `jax.Array`, or None for a weight declared on a `Graph` (see `array`).
+
+    Example:
+        >>> import tempfile, jax, numpy as np, jaxweights as jw
+        >>> path = jw.save_file({"w": np.eye(2, dtype=np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+        >>> weight = jw.load_weights(path).w.allocate(dtype="bfloat16")
+        >>> weight, weight.original_dtype
+        (Weight('w', bfloat16[2, 2], cpu:0), <DType.float32>)
+        >>> (weight @ np.ones(2, np.float32)).tolist(), jax.jit(lambda w: w.array.sum())(weight).item()
+        ([1.0, 1.0], 2.0)
     """
 
     name: str

@@ -114,7 +114,16 @@ def weights_format(paths: PathsLike) -> WeightsFormat:
 
 
 def open_checkpoint(paths: PathsLike) -> Checkpoint:
-    """Opens files, folders or an index as one `Checkpoint`, validating every header first."""
+    """Opens files, folders or an index as one `Checkpoint`, validating every header first.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> path = jw.save_file({"w": np.arange(6, dtype=np.int16).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+        >>> with jw.open_checkpoint(path) as checkpoint:
+        ...     info = checkpoint["w"]
+        ...     (info.dtype, info.shape, info.nbytes, checkpoint.view(info).tolist())
+        (<DType.int16>, (2, 3), 12, [[0, 1, 2], [3, 4, 5]])
+    """
     files = expand_paths(paths)
     kind = _formats(files)
     if kind is WeightsFormat.safetensors:
