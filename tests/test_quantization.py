@@ -45,3 +45,12 @@ def test_bytes_for_shape() -> None:
     assert QuantizationEncoding.Q8_0.bytes_for_shape((3, 64)) == 3 * 2 * 34
     with pytest.raises(QuantizationError, match=r"multiple of 256; found shape \(4, 100\)"):
         QuantizationEncoding.Q4_K.bytes_for_shape((4, 100))
+
+
+def test_block_parameters_match_gguf_py() -> None:
+    import gguf
+
+    for encoding in QuantizationEncoding:
+        if encoding.is_gguf:
+            kind = getattr(gguf.GGMLQuantizationType, encoding.name)
+            assert gguf.GGML_QUANT_SIZES[kind] == (encoding.elements_per_block, encoding.block_size), encoding
