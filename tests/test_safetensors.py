@@ -306,3 +306,37 @@ def test_writer_never_mutates_the_callers_dict(tmp_path: Path) -> None:
     assert list(values) == ["b", "a"]
     for name in values:
         np.testing.assert_array_equal(values[name], snapshot[name])
+
+
+def test_mutated_files_load_or_raise_a_jaxweights_error(tmp_path: Path) -> None:
+    """Random byte flips, truncations and header edits: never a crash, never another exception type."""
+    rng = np.random.default_rng(7)
+    values = {
+        "a.w": np.arange(24, dtype=np.float32).reshape(4, 6),
+        "a.b": np.arange(5, dtype=np.int8),
+        "c": np.ones(3, np.float16),
+    }
+    original = jw.save_file(values, tmp_path / "good.safetensors").read_bytes()
+    header_end = 8 + int.from_bytes(original[:8], "little")
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(300):
+        data = bytearray(original)
+        kind = trial % 3
+        if kind == 0:  # flip bytes, mostly inside the header
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(0, header_end))] = int(rng.integers(0, 256))
+        elif kind == 1:  # truncate anywhere
+            data = data[: int(rng.integers(0, len(data)))]
+        else:  # rewrite the length prefix
+            data[:8] = int(rng.integers(0, 2 * len(data))).to_bytes(8, "little")
+        path = tmp_path / f"mutant{trial}.safetensors"
+        path.write_bytes(bytes(data))
+        try:
+            weights = jw.load_weights(path)
+            for _, accessor in weights.items():
+                accessor.data()
+                accessor.allocate()
+            outcomes["loaded"] += 1
+        except jw.errors.WeightsError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 100 and sum(outcomes.values()) == 300
