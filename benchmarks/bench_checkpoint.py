@@ -11,17 +11,17 @@ largest tensor.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _worker import run_worker  # noqa: E402
 
 WORKER = r"""
 import json, sys, time, os
@@ -106,18 +106,7 @@ USER_CODE = {
 
 
 def run(method: str, phase: str, folder: Path, kind: str) -> dict[str, float]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, method, phase, str(folder), kind],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    if out.returncode:
-        raise RuntimeError(f"{method} {phase} failed:\n{out.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_worker(WORKER, method, phase, str(folder), kind)
 
 
 def main() -> None:

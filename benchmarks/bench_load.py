@@ -10,16 +10,17 @@ over the process's baseline (VmHWM after resetting it) as a multiple of the file
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _worker import run_worker  # noqa: E402
 
 WORKER = r"""
 import json, mmap, os, sys, time
@@ -115,17 +116,7 @@ def make_checkpoints(folder: Path, layers: int) -> tuple[Path, Path, Path]:
 
 
 def run(method: str, path: Path, env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, method, str(path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    if out.returncode:
-        raise RuntimeError(f"{method} failed:\n{out.stderr[-2000:]}")
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_worker(WORKER, method, str(path), env=env, timeout=600)
 
 
 def main() -> None:

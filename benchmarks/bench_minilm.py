@@ -11,15 +11,16 @@ repeated calls), and the cost of swapping checkpoints: `graph.bind` + first call
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _worker import run_worker  # noqa: E402
 
 WORKER = r"""
 import json, sys, time, statistics, os, tempfile, importlib.util
@@ -82,17 +83,7 @@ print(json.dumps(result))
 def run(method: str, repeats: int) -> dict[str, float]:
     env = dict(os.environ, JW_ROOT=str(HERE.parent), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", WORKER, method, str(repeats)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    if out.returncode:
-        raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return run_worker(WORKER, method, str(repeats), env=env)
 
 
 def main() -> None:
