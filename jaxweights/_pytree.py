@@ -16,7 +16,22 @@ import numpy as np
 
 from .errors import StructureMismatchError
 
-__all__ = ["Leaf", "flatten_target", "is_array_like", "nest", "path_name", "split_module"]
+__all__ = [
+    "LEAVES_KEY",
+    "SCALAR_TYPES",
+    "Leaf",
+    "flatten_target",
+    "is_array_like",
+    "nest",
+    "path_name",
+    "split_module",
+]
+
+LEAVES_KEY = "jaxweights.leaves"
+"""Metadata key under which `jaxweights.save` stores non-array leaves (step counters, flags) as JSON."""
+
+SCALAR_TYPES = (bool, int, float, str)
+"""Leaf types stored as JSON under `LEAVES_KEY` instead of as tensors."""
 
 
 def _key_name(key: Any) -> str:

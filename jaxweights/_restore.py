@@ -23,16 +23,12 @@ from ._keymap import KeyMap, Transform, Transpose, transformed_shape
 from ._loader import DEFAULT_BUDGET, Job, load_all
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import check_sharding
-from ._pytree import Leaf, flatten_target, is_array_like, split_module
+from ._pytree import LEAVES_KEY, SCALAR_TYPES, Leaf, flatten_target, is_array_like, split_module
 from .errors import StructureMismatchError
 from .formats import Checkpoint, TensorInfo
 
-__all__ = ["LEAVES_KEY", "restore"]
+__all__ = ["restore"]
 
-LEAVES_KEY = "jaxweights.leaves"
-"""Metadata key under which `jaxweights.save` stores non-array leaves (step counters, flags) as JSON."""
-
-_SCALARS = (bool, int, float, str)
 
 
 @dataclass
@@ -129,7 +125,7 @@ def restore(
                 continue
             tensors.append(_Tensor(leaf, info, _target_sharding(value, default), want_dtype, transform))
             values[position] = None  # filled after loading
-        elif isinstance(value, _SCALARS):
+        elif isinstance(value, SCALAR_TYPES):
             if leaf.name in saved:
                 values[position] = type(value)(saved[leaf.name]) if saved[leaf.name] is not None else None
             elif strict:

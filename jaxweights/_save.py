@@ -24,8 +24,7 @@ import jax
 import numpy as np
 
 from ._plan import plan_reads
-from ._pytree import flatten_target, is_array_like, split_module
-from ._restore import LEAVES_KEY
+from ._pytree import LEAVES_KEY, SCALAR_TYPES, flatten_target, is_array_like, split_module
 from .errors import CheckpointWriteError, StructureMismatchError
 from .formats import TensorInfo
 from .formats.safetensors import (
@@ -40,9 +39,6 @@ from .formats.safetensors import (
 )
 
 __all__ = ["parse_size", "save"]
-
-_SCALARS = (bool, int, float, str)
-
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``5_000_000_000``, ``"5GB"`` or ``"500MiB"``.
@@ -203,7 +199,7 @@ def save(
             bad.append(f"{leaf.name}: an abstract ShapeDtypeStruct has no data to save")
         elif is_array_like(leaf.value):
             arrays[leaf.name] = leaf.value
-        elif isinstance(leaf.value, _SCALARS):
+        elif isinstance(leaf.value, SCALAR_TYPES):
             scalars[leaf.name] = leaf.value
         elif not callable(leaf.value):
             kind = type(leaf.value).__name__

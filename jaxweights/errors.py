@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "AccessorError",
+    "ArgumentError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "DTypeError",
     "DeviceError",
     "DuplicateTensorError",
+    "GraphError",
+    "NotATensorError",
     "QuantizationError",
     "ShapeMismatchError",
     "ShardingError",
@@ -101,3 +105,23 @@ class StructureMismatchError(WeightsError, ValueError):
 
 class CheckpointWriteError(WeightsError, OSError):
     """Saving failed (no space, read-only folder, a file where a folder should be); nothing was replaced."""
+
+
+class NotATensorError(WeightNotFoundError, AttributeError):
+    """A tensor's metadata (``.shape``, ``.dtype``) was asked of an accessor that names no tensor.
+
+    Also an `AttributeError`, so ``hasattr(accessor, "shape")`` is False for a prefix.
+    """
+
+
+class ArgumentError(WeightsError, TypeError):
+    """An argument has the wrong kind (metadata that is not text, a name that is not a string, ...)."""
+
+
+class AccessorError(ArgumentError):
+    """An accessor was used as data or called: it only names tensors; ``.data()`` / ``.allocate()`` read."""
+
+
+class GraphError(WeightsError, ValueError):
+    """A `Graph` was misused: a weight with no data, a name added twice with different layouts, or a
+    weight baked into a compiled program as a constant."""
