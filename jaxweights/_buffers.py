@@ -1,21 +1,22 @@
 """Host buffers that XLA's CPU client aliases instead of copying: C-contiguous and 64-byte aligned.
 
 Large buffers live on their own anonymous maps, which `populate` faults in with one call per chunk
-ahead of the copy that fills them. They are deliberately *not* advised for transparent huge pages: on the
-2-core development VM a huge-page fault often stalls in memory compaction, and loads ran 2x slower with
-``MADV_HUGEPAGE`` than without (numpy's own allocator advises it for large arrays, hence own maps).
-Numpy only; no jax, no file I/O.
+ahead of the copy that fills them. They are deliberately *not* advised for transparent huge pages: a
+huge-page fault can stall in memory compaction (docs/performance.md has the measurements; numpy's own
+allocator advises it for large arrays, hence own maps). Numpy only; no jax, no file I/O.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import sys
 from typing import Any
 
 import numpy as np
+
+from ._libc import libc
+from ._shapes import element_count
 
 __all__ = ["ALIGNMENT", "HUGE_PAGE", "aligned_empty", "populate"]
 
@@ -35,7 +36,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any], alignment: int =
         >>> aligned_empty((1024, 1024), np.dtype(np.float32)).ctypes.data % 4096
         0
     """
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = element_count(shape) * dtype.itemsize
     if nbytes >= HUGE_PAGE:
         region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         raw = np.frombuffer(region, dtype=np.uint8)
@@ -47,13 +48,19 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any], alignment: int =
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault a range in with one call
-_madvise: Any = None
-if sys.platform.startswith("linux"):
-    try:
-        _madvise = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _madvise = None
+
+
+def _load_madvise() -> Any:
+    """libc's ``madvise``, or None off Linux or where the C library lacks it."""
+    lib = libc()
+    if lib is None or not sys.platform.startswith("linux") or not hasattr(lib, "madvise"):
+        return None
+    function = lib.madvise
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return function
+
+
+_madvise: Any = _load_madvise()
 
 
 def populate(array: np.ndarray, begin: int, end: int) -> None:

@@ -13,6 +13,8 @@ import math
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 
+from ._shapes import c_strides
+from .errors import ShardingError
 from .formats import TensorInfo
 
 __all__ = ["BlockRead", "ReadPlan", "block_key", "plan_reads"]
@@ -34,7 +36,10 @@ def block_key(index: tuple[slice, ...] | None, shape: tuple[int, ...]) -> BlockK
         part = index[axis] if axis < len(index) else slice(None)
         start, stop, step = part.indices(size)
         if step != 1:
-            raise ValueError(f"strided device indices are not supported (axis {axis}: {part})")
+            raise ShardingError(
+                f"A device index steps through axis {axis} ({part}); jaxweights reads contiguous blocks "
+                f"only. Use a sharding whose blocks are contiguous slices (any NamedSharding is)."
+            )
         key.append((start, max(start, stop)))
     return tuple(key)
 
@@ -108,10 +113,7 @@ def _pattern(
     key: BlockKey, shape: tuple[int, ...], itemsize: int
 ) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """(offset, run, counts, strides) in bytes for a block, with adjacent runs merged."""
-    # Byte strides of the tensor, C order.
-    strides = [itemsize] * len(shape)
-    for axis in range(len(shape) - 2, -1, -1):
-        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    strides = c_strides(shape, itemsize)
     extents = [stop - start for start, stop in key]
     offset = sum(start * stride for (start, _), stride in zip(key, strides, strict=True))
     if 0 in extents:
@@ -151,7 +153,12 @@ def plan_reads(info: TensorInfo, indices: Mapping[Hashable, tuple[slice, ...] | 
         [[(0, 12), (24, 12)], [(12, 12), (36, 12)]]
     """
     if info.encoding is not None or info.dtype.is_packed:
-        raise ValueError(f"tensor {info.name!r}: packed and quantized tensors are planned whole")
+        kind = "quantized" if info.encoding is not None else "packed (float4)"
+        raise ShardingError(
+            f"Tensor {info.name!r} is {kind}: its bytes do not map one-to-one to elements, so it is read "
+            f"whole and cannot be planned per device. Place it replicated, or convert it first.",
+            tensor=info.name,
+        )
     itemsize = info.dtype.size_in_bytes
     grouped: dict[BlockKey, list[Hashable]] = {}
     for device, index in indices.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from ._shapes import element_count
 from .errors import QuantizationError
 
 __all__ = ["BlockParameters", "QuantizationEncoding"]
@@ -17,6 +18,8 @@ __all__ = ["BlockParameters", "QuantizationEncoding"]
 class BlockParameters:
     """How a block-quantized tensor is laid out: ``elements_per_block`` values share one block of
     ``block_size`` bytes."""
+
+    __module__ = "jaxweights"
 
     elements_per_block: int
     block_size: int
@@ -47,6 +50,8 @@ class QuantizationEncoding(enum.Enum):
     Q5_K = "Q5_K"
     Q6_K = "Q6_K"
     GPTQ = "GPTQ"
+
+    __module__ = "jaxweights"
 
     def __repr__(self) -> str:
         return f"<QuantizationEncoding.{self.name}>"
@@ -95,10 +100,7 @@ class QuantizationEncoding(enum.Enum):
                 f"{self.name} packs {self.elements_per_block} values per block, so the last dimension "
                 f"must be a multiple of {self.elements_per_block}; found shape {tuple(shape)}."
             )
-        count = 1
-        for dim in shape:
-            count *= dim
-        return count // self.elements_per_block * self.block_size
+        return element_count(shape) // self.elements_per_block * self.block_size
 
 
 # Sizes from ggml-common.h: d/m are float16 scales, K-quants use super-blocks of 256 values.

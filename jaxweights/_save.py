@@ -5,13 +5,16 @@ Writes are atomic: a folder checkpoint is written into a temporary sibling folde
 crash or kill leaves the previous checkpoint whole. Sharded arrays are written shard by shard (replicated
 blocks once), so host memory stays near one shard; the caller's tree is never modified. Non-array leaves
 (step counters, flags) are stored as JSON in the metadata.
+
+The bytes and the file layout come from the safetensors plug-in's `FormatWriter`; this module owns the
+tree, the multi-process protocol and the atomic folder swap, and never writes a format's bytes itself.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
+import functools
 import json
 import os
 import shutil
@@ -23,22 +26,14 @@ from typing import Any, BinaryIO
 import jax
 import numpy as np
 
+from ._libc import fsync_dir, libc
 from ._plan import plan_reads
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, flatten_target, is_array_like, split_module
-from .errors import CheckpointWriteError, StructureMismatchError
-from .formats import TensorInfo
-from .formats.safetensors import (
-    INDEX_NAME,
-    TensorSpec,
-    fsync_dir,
-    is_zero,
-    layout,
-    spec_of,
-    write_array,
-    write_file,
-)
+from .errors import ArgumentError, CheckpointWriteError, StructureMismatchError
+from .formats import FormatPlugin, FormatWriter, TensorInfo, TensorSpec, WeightsFormat, plugin_for, spec_of
 
 __all__ = ["parse_size", "save"]
+
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``5_000_000_000``, ``"5GB"`` or ``"500MiB"``.
@@ -68,23 +63,23 @@ def parse_size(size: int | str) -> int:
     except ValueError:
         value = -1.0
     if unit not in units or value <= 0:
-        raise ValueError(f"{size!r} is not a size; use bytes or a string such as '5GB' or '500MiB'.")
+        raise ArgumentError(f"{size!r} is not a size; use bytes or a string such as '5GB' or '500MiB'.")
     return int(value * units[unit])
 
 
-def _write_value(out: BinaryIO, value: Any) -> None:
+def _write_value(writer: FormatWriter, out: BinaryIO, value: Any) -> None:
     """Writes one leaf; a sharded array is written block by block (one host copy of a shard at a time)."""
     if isinstance(value, jax.Array):
         if not value.is_fully_addressable:
             from jax.experimental import multihost_utils
 
             value = multihost_utils.process_allgather(value, tiled=True)
-        elif len(value.sharding.device_set) > 1 and _write_blocks(out, value):
+        elif len(value.sharding.device_set) > 1 and _write_blocks(writer, out, value):
             return
-    write_array(out, value)
+    writer.write_array(out, value)
 
 
-def _write_blocks(out: BinaryIO, array: jax.Array) -> bool:
+def _write_blocks(writer: FormatWriter, out: BinaryIO, array: jax.Array) -> bool:
     """Writes each distinct block of a sharded array at its offsets with ``pwrite``; False when the blocks
     are strided (column shards), which are better gathered whole."""
     spec = spec_of("", array)
@@ -96,60 +91,45 @@ def _write_blocks(out: BinaryIO, array: jax.Array) -> bool:
     if any(block.num_runs > 1 for block in plan.blocks):
         return False
     base = out.tell()
-    fd = out.fileno()
     out.flush()
     for block in plan.blocks:
         data = np.ascontiguousarray(np.asarray(shards[block.devices[0]].data)).reshape(-1).view(np.uint8)
-        if data.nbytes >= 4096 and is_zero(data):
-            continue  # left as a hole: reads back as zeros
-        view = data.data
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], base + block.offset + done)
+        writer.write_at(out, data, base + block.offset)
     out.seek(base + spec.nbytes)
     return True
 
 
-def _shards(specs: list[TensorSpec], limit: int) -> list[list[TensorSpec]]:
-    groups: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if groups[-1] and size + spec.nbytes > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(spec)
-        size += spec.nbytes
-    return groups
-
-
-_libc: Any = None
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, or None where the C library lacks it (not Linux, old glibc)."""
+    lib = libc()
+    if lib is None or not hasattr(lib, "renameat2"):
+        return None
+    function = lib.renameat2
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
 
 
 def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-            _libc.renameat2.argtypes = [
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_int,
-                ctypes.c_char_p,
-                ctypes.c_uint,
-            ]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
+    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
+
+    Raises:
+        CheckpointWriteError: the swap failed for another reason; neither path changed.
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
-    result = _libc.renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
-    if result != 0:
-        code = ctypes.get_errno()
-        if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
-            return False
-        raise OSError(code, os.strerror(code), str(first))
-    return True
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
+        return False
+    raise CheckpointWriteError(
+        f"Saving to {second} failed: swapping in the new checkpoint from {first} was refused "
+        f"({os.strerror(code)}). Nothing was replaced; check the folder's permissions.",
+        file=second,
+    )
 
 
 def save(
@@ -217,22 +197,22 @@ def save(
     if scalars:
         info[LEAVES_KEY] = json.dumps(scalars, sort_keys=True)
     primary = jax.process_index() == 0
+    plugin = plugin_for(WeightsFormat.safetensors)
+    writer = plugin.require_writer()
 
     def write(spec: TensorSpec, out: BinaryIO) -> None:
-        _write_value(out, arrays[spec.name])
+        _write_value(writer, out, arrays[spec.name])
 
     single = path.suffix == ".safetensors"
     limit = parse_size(max_shard_size)
     try:
         if not primary:  # other processes of a job take part in process 0's gathers, in its order
-            groups = [specs] if single else _shards(specs, limit)
-            for group in groups:
-                for spec in layout(group):
-                    value = arrays[spec.name]
-                    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-                        from jax.experimental import multihost_utils
+            for spec in writer.write_order(specs, None if single else limit):
+                value = arrays[spec.name]
+                if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                    from jax.experimental import multihost_utils
 
-                        multihost_utils.process_allgather(value, tiled=True)
+                    multihost_utils.process_allgather(value, tiled=True)
             _barrier(path)
             return path
         if single:
@@ -240,9 +220,9 @@ def save(
                 raise CheckpointWriteError(
                     f"{path} is a folder; pass a new file name or the folder itself.", file=path
                 )
-            write_file(path, specs, write, info or None)
+            writer.write_file(path, specs, write, info or None)
         else:
-            _save_folder(path, specs, write, info, limit)
+            _save_folder(plugin, writer, path, specs, write, info, limit)
         _barrier(path)
         return path
     except CheckpointWriteError:
@@ -262,7 +242,15 @@ def _barrier(path: Path) -> None:
         multihost_utils.sync_global_devices(f"jaxweights.save:{path}")
 
 
-def _save_folder(path: Path, specs: list[TensorSpec], write: Any, info: dict[str, str], limit: int) -> Path:
+def _save_folder(
+    plugin: FormatPlugin,
+    writer: FormatWriter,
+    path: Path,
+    specs: list[TensorSpec],
+    write: Any,
+    info: dict[str, str],
+    limit: int,
+) -> Path:
     if path.exists() and not path.is_dir():
         raise CheckpointWriteError(
             f"{path} is a file, but a checkpoint folder was expected. Pass another path, or a *.safetensors "
@@ -272,26 +260,11 @@ def _save_folder(path: Path, specs: list[TensorSpec], write: Any, info: dict[str
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
     try:
-        groups = _shards(specs, limit)
-        if len(groups) == 1:
-            write_file(temp / "model.safetensors", groups[0], write, info or None)
-        else:
-            weight_map: dict[str, str] = {}
-            for number, group in enumerate(groups, start=1):
-                name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-                write_file(temp / name, group, write, info or None)
-                weight_map.update({spec.name: name for spec in group})
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for s in specs), **info},
-                "weight_map": weight_map,
-            }
-            (temp / INDEX_NAME).write_text(json.dumps(index, indent=2))
-            with open(temp / INDEX_NAME, "rb") as handle:
-                os.fsync(handle.fileno())
+        writer.write_folder(temp, specs, write, info or None, limit)
         fsync_dir(temp)
         if path.is_dir():
             for item in path.iterdir():  # carry over config.json, tokenizer files, ...
-                if not (item.name.endswith(".safetensors") or item.name.endswith(".safetensors.index.json")):
+                if not plugin.owns(item):
                     target = temp / item.name
                     if item.is_dir():
                         shutil.copytree(item, target, symlinks=True)

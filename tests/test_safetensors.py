@@ -233,7 +233,7 @@ def test_empty_path_list_and_missing_paths(tmp_path: Path) -> None:
         jw.load_weights([])
     with pytest.raises(CheckpointNotFoundError, match=r"nope.safetensors does not exist"):
         jw.load_weights(tmp_path / "nope.safetensors")
-    with pytest.raises(CheckpointNotFoundError, match=r"holds no \*.safetensors file"):
+    with pytest.raises(CheckpointNotFoundError, match=r"holds no weight files \(looked for \*.safetensors, "):
         jw.load_weights(tmp_path)
 
 
@@ -261,6 +261,15 @@ def test_mixed_formats(write_reference: Callable[..., Path], tmp_path: Path) -> 
         jw.load_weights([good, gguf])
     assert jw.weights_format(gguf) is jw.WeightsFormat.gguf
     assert jw.weights_format(good) is jw.WeightsFormat.safetensors
+
+
+def test_a_header_length_that_looks_like_a_pickle_is_still_safetensors(tmp_path: Path) -> None:
+    # 0x280 = 640 bytes of header: the file starts with b"\x80\x02", a pickle's protocol-2 marker.
+    text = json.dumps({"a": entry("F32", [1], 0, 4)}).encode()
+    path = raw_file(tmp_path / "m.bin", text + b" " * (0x280 - len(text)), b"\0" * 4)
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert jw.weights_format(path) is jw.WeightsFormat.safetensors
+    assert jw.load_weights(path).a.data().shape == (1,)
 
 
 # -- writer ------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import tempfile
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 import jaxweights as jw
 import jaxweights._save as save_module
 from jaxweights._save import parse_size
-from jaxweights.errors import CheckpointWriteError, StructureMismatchError
+from jaxweights.errors import ArgumentError, CheckpointWriteError, StructureMismatchError
 
 
 def tree() -> dict[str, Any]:
@@ -77,8 +78,8 @@ def test_sharded_arrays_are_written_block_by_block(tmp_path: Path, monkeypatch: 
     blocks = []
     original = save_module._write_blocks
 
-    def spy(out: Any, array: jax.Array) -> bool:
-        blocks.append(original(out, array))
+    def spy(writer: Any, out: Any, array: jax.Array) -> bool:
+        blocks.append(original(writer, out, array))
         return blocks[-1]
 
     monkeypatch.setattr(save_module, "_write_blocks", spy)
@@ -98,16 +99,35 @@ def test_saving_over_a_checkpoint_keeps_other_files_and_is_atomic(
     assert jw.load_weights(folder).w.data().data.tolist() == [2.0] * 4
     before = (folder / "model.safetensors").read_bytes()
 
-    def full_disk(out: Any, value: Any) -> None:
+    def full_disk(writer: Any, out: Any, value: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(save_module, "write_array", full_disk)
+    monkeypatch.setattr(save_module, "_write_value", full_disk)
     with pytest.raises(
         CheckpointWriteError, match=r"Saving to .*ckpt failed: No space left on device. Nothing was replaced"
     ):
         jw.save({"w": jnp.zeros(4)}, folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+
+def test_a_refused_swap_is_a_write_error_and_replaces_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = jw.save({"w": jnp.ones(4)}, tmp_path / "ckpt")
+    before = (folder / "model.safetensors").read_bytes()
+
+    def refused(*args: Any) -> int:
+        ctypes.set_errno(errno.EACCES)
+        return -1
+
+    monkeypatch.setattr(save_module, "_renameat2", lambda: refused)
+    with pytest.raises(
+        CheckpointWriteError, match=r"was refused \(Permission denied\)\. Nothing was replaced"
+    ):
+        jw.save({"w": jnp.zeros(4)}, folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_a_file_in_the_way(tmp_path: Path) -> None:
@@ -156,7 +176,7 @@ def test_the_callers_tree_is_never_modified(tmp_path: Path) -> None:
 
 def test_parse_size() -> None:
     assert parse_size("1.5kB") == 1500 and parse_size("1 GiB") == 2**30
-    with pytest.raises(ValueError, match="is not a size"):
+    with pytest.raises(ArgumentError, match="is not a size"):
         parse_size("lots")
 
 
@@ -171,3 +191,9 @@ def test_all_zero_tensors_become_holes_that_read_back_as_zeros(tmp_path: Path) -
     loaded = safetensors.numpy.load_file(str(path))  # readers see plain zeros
     assert not loaded["mu"].any() and not loaded["nu"].any() and not loaded["tail"].any()
     assert loaded["w"].sum() == 64.0
+
+
+def test_the_c_library_is_loaded_in_one_place() -> None:
+    package = Path(jw.__file__).parent
+    loaders = sorted(p.name for p in package.rglob("*.py") if "CDLL(" in p.read_text(encoding="utf-8"))
+    assert loaders == ["_libc.py"]

@@ -1,40 +1,121 @@
-"""Checkpoint formats: `open_checkpoint(paths)` sniffs each file's magic bytes and builds a `Checkpoint`.
+"""Checkpoint formats: the registry `FORMATS`, and `open_checkpoint(paths)`, which sniffs each file's
+magic bytes and lets that format's plug-in build a `Checkpoint`.
 
-Every format module has the same small surface (open, read header, save) and none imports jax.
+Every format module has the same small surface, a `FormatPlugin`: recognise its magic bytes, list its
+files in a folder, open them, optionally write. Adding a format is one module and one line in `FORMATS`.
+This module never parses a format itself, and no format module imports jax.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
 from .._buffers import ALIGNMENT, aligned_empty
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
-from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
-from .safetensors import iter_weight_files, open_safetensors
+from . import safetensors
+from ._checkpoint import (
+    Checkpoint,
+    FormatPlugin,
+    FormatWriter,
+    TensorInfo,
+    TensorSpec,
+    WeightsFormat,
+    WriteTensor,
+    spec_of,
+)
 
 __all__ = [
     "ALIGNMENT",
+    "FORMATS",
+    "HEAD_SIZE",
     "Checkpoint",
+    "FormatPlugin",
+    "FormatWriter",
     "PathsLike",
     "TensorInfo",
+    "TensorSpec",
     "WeightsFormat",
+    "WriteTensor",
     "aligned_empty",
     "expand_paths",
     "open_checkpoint",
+    "plugin_for",
     "sniff_format",
+    "spec_of",
+    "weights_format",
 ]
 
 PathsLike = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]
 
-_INDEX = "index"  # a JSON index (model.safetensors.index.json): not a weights format of its own
+HEAD_SIZE = 16
+"""Bytes of each file a plug-in's ``sniff`` sees."""
+
+
+def _is_gguf(head: bytes, path: Path) -> bool:
+    return head[:4] == b"GGUF"
+
+
+def _is_pytorch(head: bytes, path: Path) -> bool:
+    """A ``torch.save`` zip archive, or a legacy pickle (protocol 2 to 5)."""
+    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+# Recognised so that they are refused by name; formats/gguf.py and formats/torch.py replace these lines.
+_GGUF = FormatPlugin(WeightsFormat.gguf, "GGUF", (".gguf",), _is_gguf)
+_PYTORCH = FormatPlugin(WeightsFormat.pytorch, "PyTorch", (".bin", ".pt", ".pth"), _is_pytorch)
+
+FORMATS: tuple[FormatPlugin, ...] = (safetensors.PLUGIN, _GGUF, _PYTORCH)
+"""The registry, in order of preference: sniffing asks each plug-in in turn, and a folder holding files of
+several formats (``model.safetensors`` and ``pytorch_model.bin``) is read as the first that finds any."""
+
+
+def plugin_for(name: WeightsFormat | str) -> FormatPlugin:
+    """The registered plug-in of a format.
+
+    Example:
+        >>> plugin_for("safetensors").title, plugin_for(WeightsFormat.gguf).open is None
+        ('safetensors', True)
+    """
+    for plugin in FORMATS:
+        if plugin.name == name:
+            return plugin
+    known = ", ".join(plugin.name for plugin in FORMATS)
+    raise UnsupportedFormatError(f"{name!r} is not a checkpoint format jaxweights knows ({known}).")
+
+
+def _titles() -> str:
+    titles = [plugin.title for plugin in FORMATS]
+    return ", ".join(titles[:-1]) + f" or {titles[-1]}" if len(titles) > 1 else titles[0]
+
+
+def _expand_folder(folder: Path) -> list[Path]:
+    for plugin in FORMATS:
+        found = plugin.files_in(folder)
+        if found:
+            return found
+    patterns = ", ".join(f"*{suffix}" for plugin in FORMATS for suffix in plugin.suffixes)
+    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+    raise CheckpointNotFoundError(
+        f"{folder} holds no weight files (looked for {patterns}); it holds: {listing}. Pass the weight "
+        f"files themselves.",
+        file=folder,
+    )
 
 
 def expand_paths(paths: PathsLike) -> list[Path]:
-    """Normalises a path, a folder or a list of them into the files to open, checking each exists."""
+    """Normalises a path, a folder or a list of them into the files to open, checking each exists.
+
+    A folder is asked of each plug-in in `FORMATS` order; the first that finds its files there wins.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> folder = jw.save({"w": np.zeros(2, np.float32)}, f"{tempfile.mkdtemp()}/ckpt")
+        >>> [path.name for path in expand_paths(folder)]
+        ['model.safetensors']
+    """
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not items:
         raise CheckpointNotFoundError(
@@ -44,15 +125,7 @@ def expand_paths(paths: PathsLike) -> list[Path]:
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = list(iter_weight_files(path))
-            if not found:
-                listing = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-                raise CheckpointNotFoundError(
-                    f"{path} holds no *.safetensors file or *.safetensors.index.json (it holds: "
-                    f"{listing}). Pass the weight files themselves.",
-                    file=path,
-                )
-            result.extend(found)
+            result.extend(_expand_folder(path))
         elif path.is_file():
             result.append(path)
         elif path.exists():
@@ -65,40 +138,37 @@ def expand_paths(paths: PathsLike) -> list[Path]:
     return result
 
 
-def sniff_format(path: Path) -> WeightsFormat | str:
-    """The format of one file from its first bytes, not its suffix (``"index"`` for a JSON index)."""
+def sniff_format(path: Path) -> FormatPlugin:
+    """The plug-in for one file, from its first bytes rather than its suffix.
+
+    Every plug-in's ``sniff`` is asked in `FORMATS` order. A file none recognises goes to the readable
+    format whose suffix it has, so that parser names what is wrong with it (a truncated
+    ``*.safetensors``); otherwise it is refused.
+
+    Raises:
+        UnsupportedFormatError: no registered format recognises the file.
+    """
     with open(path, "rb") as handle:
-        head = handle.read(16)
-    if head[:4] == b"GGUF":
-        return WeightsFormat.gguf
-    if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return WeightsFormat.pytorch
-    is_json = head.lstrip()[:1] == b"{"
-    if is_json and path.suffix == ".json":
-        return _INDEX
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] > 0:
-        return WeightsFormat.safetensors
-    if is_json:
-        return _INDEX
-    if path.suffix == ".safetensors" or len(head) < 9:
-        return WeightsFormat.safetensors  # let the safetensors parser say precisely what is wrong
-    raise UnsupportedFormatError(
-        f"{path} is not a safetensors, GGUF or PyTorch file (it starts with {head[:8]!r}).",
-        file=path,
-    )
+        head = handle.read(HEAD_SIZE)
+    for plugin in FORMATS:
+        if plugin.sniff(head, path):
+            return plugin
+    for plugin in FORMATS:
+        if plugin.open is not None and plugin.owns(path):
+            return plugin
+    start = f"it starts with {head[:8]!r}" if head else "it is empty"
+    raise UnsupportedFormatError(f"{path} is not a {_titles()} file ({start}).", file=path)
 
 
-def _formats(files: list[Path]) -> WeightsFormat:
+def _plugin(files: list[Path]) -> FormatPlugin:
     found = {path: sniff_format(path) for path in files}
-    kinds = {WeightsFormat.safetensors if f == _INDEX else f for f in found.values()}
-    if len(kinds) > 1:
-        listing = ", ".join(f"{p.name} ({getattr(f, 'value', f)})" for p, f in found.items())
+    plugins = set(found.values())
+    if len(plugins) > 1:
+        listing = ", ".join(f"{path.name} ({plugin.title})" for path, plugin in found.items())
         raise UnsupportedFormatError(
             f"The paths mix formats: {listing}. Load each format separately.", file=files[0]
         )
-    kind = kinds.pop()
-    assert isinstance(kind, WeightsFormat)
-    return kind
+    return plugins.pop()
 
 
 def weights_format(paths: PathsLike) -> WeightsFormat:
@@ -110,11 +180,15 @@ def weights_format(paths: PathsLike) -> WeightsFormat:
         >>> jw.weights_format(path)
         <WeightsFormat.safetensors: 'safetensors'>
     """
-    return _formats(expand_paths(paths))
+    return _plugin(expand_paths(paths)).name
 
 
 def open_checkpoint(paths: PathsLike) -> Checkpoint:
     """Opens files, folders or an index as one `Checkpoint`, validating every header first.
+
+    Raises:
+        UnsupportedFormatError: a file is in no format jaxweights reads (GGUF and PyTorch files are
+            recognised and refused by name), or the paths mix formats.
 
     Example:
         >>> import tempfile, numpy as np, jaxweights as jw
@@ -125,11 +199,12 @@ def open_checkpoint(paths: PathsLike) -> Checkpoint:
         (<DType.int16>, (2, 3), 12, [[0, 1, 2], [3, 4, 5]])
     """
     files = expand_paths(paths)
-    kind = _formats(files)
-    if kind is WeightsFormat.safetensors:
-        return open_safetensors(files)
-    raise UnsupportedFormatError(
-        f"{files[0]} is a {kind.value} checkpoint; this version of jaxweights reads safetensors only. "
-        f"Convert it (for example with the `gguf` or `safetensors` tools) or upgrade jaxweights.",
-        file=files[0],
-    )
+    plugin = _plugin(files)
+    if plugin.open is None:
+        readable = ", ".join(p.title for p in FORMATS if p.open is not None)
+        raise UnsupportedFormatError(
+            f"{files[0]} is a {plugin.title} checkpoint; this version of jaxweights reads {readable} "
+            f"only. Convert it to safetensors, or upgrade jaxweights.",
+            file=files[0],
+        )
+    return plugin.open(files)

@@ -1,10 +1,14 @@
-"""The catalogue every format produces: `TensorInfo` per tensor, and `Checkpoint` to read their bytes.
+"""What every format module speaks: the catalogue it produces and the plug-in surface it registers.
+
+`TensorInfo` describes each tensor and `Checkpoint` reads their bytes; `FormatPlugin` is the small surface
+each format module provides (recognise its magic bytes, list its files in a folder, open them, optionally
+write), with `FormatWriter`, `TensorSpec` and `spec_of` for the writing side.
 
 A `Checkpoint` knows where each tensor's bytes are (file, byte range) and reads them two ways: as a
 read-only zero-copy numpy view over a memory map (`view`), or by copying a byte range into a buffer the
 caller owns with `preadv` (`copy_into`), which maps no file page into the process. Strided blocks are
 gathered from the map (`copy_block`), which can release the pages behind it. Both count the bytes copied.
-It never imports jax.
+It never imports jax, and never names a particular format: those live in their own modules.
 """
 
 from __future__ import annotations
@@ -14,22 +18,41 @@ import enum
 import mmap
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 import numpy as np
 
 from .._buffers import ALIGNMENT, aligned_empty
 from .._dtypes import DType, unpack_nibbles
 from .._quantization import QuantizationEncoding
-from ..errors import CheckpointError
+from .._shapes import c_strides, element_count
+from ..errors import ArgumentError, CheckpointError, ShapeMismatchError, UnsupportedFormatError
 
-__all__ = ["Checkpoint", "TensorInfo", "WeightsFormat"]
+__all__ = [
+    "Checkpoint",
+    "FormatPlugin",
+    "FormatWriter",
+    "TensorInfo",
+    "TensorSpec",
+    "WeightsFormat",
+    "WriteTensor",
+    "spec_of",
+]
 
 
-class WeightsFormat(enum.Enum):
-    """The on-disk formats jaxweights recognises (MAX's names)."""
+class WeightsFormat(enum.StrEnum):
+    """The on-disk formats jaxweights recognises (MAX's names); each member is also its name as a string.
+
+    Example:
+        >>> from jaxweights import WeightsFormat
+        >>> WeightsFormat("gguf"), WeightsFormat.safetensors == "safetensors", f"{WeightsFormat.pytorch}"
+        (<WeightsFormat.gguf: 'gguf'>, True, 'pytorch')
+    """
+
+    __module__ = "jaxweights"
 
     safetensors = "safetensors"
     gguf = "gguf"
@@ -49,6 +72,9 @@ class TensorInfo(NamedTuple):
         encoding: the quantization encoding, or None for plain tensors.
     """
 
+    if not TYPE_CHECKING:  # type: ignore[misc]  # mypy reads every NamedTuple statement as a field
+        __module__ = "jaxweights"
+
     name: str
     dtype: DType
     shape: tuple[int, ...]
@@ -65,10 +91,7 @@ class TensorInfo(NamedTuple):
     @property
     def size(self) -> int:
         """Number of logical elements."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return element_count(self.shape)
 
     def is_aligned(self, alignment: int = ALIGNMENT) -> bool:
         """True when the bytes start on an ``alignment`` boundary and map one-to-one to elements."""
@@ -115,6 +138,8 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     Produced by `jaxweights.formats.open_checkpoint`; use it as a context manager or call `close`.
     """
+
+    __module__ = "jaxweights"
 
     def __init__(
         self,
@@ -234,11 +259,20 @@ class Checkpoint(Mapping[str, TensorInfo]):
         faulting. ``out`` must be C-contiguous and writeable; threads may fill disjoint ranges at once.
         The bytes are added to `bytes_copied`.
         """
-        if not out.flags.c_contiguous:
-            raise ValueError("copy_into needs a C-contiguous output buffer")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ArgumentError(
+                f"copy_into needs a C-contiguous, writeable output buffer for tensor {info.name!r}; pass "
+                f"np.empty(...) or `aligned_empty`, not a view or a read-only array.",
+                tensor=info.name,
+            )
         flat = out.reshape(-1).view(np.uint8)
         if offset < 0 or offset + flat.nbytes > info.nbytes:
-            raise ValueError(f"bytes [{offset}, {offset + flat.nbytes}) are outside tensor {info.name!r}")
+            raise ShapeMismatchError(
+                f"bytes [{offset}, {offset + flat.nbytes}) are outside tensor {info.name!r}, which holds "
+                f"{info.nbytes} bytes; the buffer or the offset is too large.",
+                file=info.file,
+                tensor=info.name,
+            )
         handle = self._file(info.file)
         buffer = flat.data.cast("B")
         position, done, total = info.start + offset, 0, flat.nbytes
@@ -265,9 +299,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         np.copyto(out, source, casting="unsafe")
         itemsize = info.dtype.size_in_bytes
         if source.size and release:
-            strides = [itemsize] * len(info.shape)
-            for axis in range(len(info.shape) - 2, -1, -1):
-                strides[axis] = strides[axis + 1] * info.shape[axis + 1]
+            strides = c_strides(info.shape, itemsize)
             first = sum(start * stride for (start, _), stride in zip(key, strides, strict=True))
             last = sum((stop - 1) * stride for (_, stop), stride in zip(key, strides, strict=True)) + itemsize
             self.release(info, first, last - first)
@@ -301,3 +333,119 @@ class Checkpoint(Mapping[str, TensorInfo]):
         out = aligned_empty(info.shape, info.dtype.to_numpy())
         self.copy_into(info, out)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The plug-in surface of a format module
+# ---------------------------------------------------------------------------------------------
+
+
+class TensorSpec(NamedTuple):
+    """A tensor to write: its name, dtype and shape (the bytes come later, from a `WriteTensor`)."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor occupies in a file (float4 packs two elements per byte)."""
+        return element_count(self.shape) * self.dtype.size_in_bits // 8
+
+
+WriteTensor = Callable[[TensorSpec, BinaryIO], None]
+"""Writes exactly ``spec.nbytes`` bytes of one tensor at the file's current position."""
+
+
+def spec_of(name: str, value: Any) -> TensorSpec:
+    """The spec of an array-like, read from its ``shape``/``dtype`` without converting it.
+
+    Example:
+        >>> import numpy as np
+        >>> spec_of("w", np.zeros((2, 3), np.float16))
+        TensorSpec(name='w', dtype=<DType.float16>, shape=(2, 3))
+    """
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        value = np.asarray(value)
+        shape, dtype = value.shape, value.dtype
+    return TensorSpec(name, DType.from_any(np.dtype(dtype)), tuple(int(d) for d in shape))
+
+
+@dataclass(frozen=True)
+class FormatWriter:
+    """How a format writes checkpoints; everything `jaxweights.save` needs from it, named once.
+
+    Attributes:
+        write_file: ``(path, specs, write, metadata) -> path``: one file, atomically (temporary sibling,
+            fsync, rename), calling ``write`` once per tensor in `write_order`.
+        write_folder: ``(folder, specs, write, metadata, max_shard_size) -> files``: one file or shards
+            plus an index into an existing (temporary) folder, every file fsynced.
+        write_order: ``(specs, max_shard_size) -> specs``: the order ``write`` is called in by
+            ``write_folder`` (by ``write_file`` when ``max_shard_size`` is None), so the other
+            processes of a job can take part in process 0's gathers in step.
+        write_array: ``(out, value)``: one whole array's bytes at ``out``'s position (a `WriteTensor`'s
+            usual body).
+        write_at: ``(out, data, position)``: uint8 ``data`` at an absolute ``position`` of ``out``, leaving
+            its current position alone (for blocks of a sharded array written in place).
+    """
+
+    write_file: Callable[[Path, Sequence[TensorSpec], WriteTensor, Mapping[str, str] | None], Path]
+    write_folder: Callable[
+        [Path, Sequence[TensorSpec], WriteTensor, Mapping[str, str] | None, int], list[Path]
+    ]
+    write_order: Callable[[Sequence[TensorSpec], int | None], list[TensorSpec]]
+    write_array: Callable[[BinaryIO, Any], None]
+    write_at: Callable[[BinaryIO, np.ndarray, int], None]
+
+
+@dataclass(frozen=True)
+class FormatPlugin:
+    """The surface every format module registers in `jaxweights.formats.FORMATS`.
+
+    Attributes:
+        name: the format.
+        title: its name in messages (``"GGUF"``).
+        suffixes: endings of its file names. They find its files in a folder when ``expand`` is None,
+            tell which files of a folder a save replaces, and claim a file no plugin recognises by its
+            magic bytes, so that this format's parser says precisely what is wrong with it (only when
+            the plugin has ``open``).
+        sniff: ``(head, path) -> bool``: True when the file's first bytes (``HEAD_SIZE`` of them, fewer
+            for a short file) are this format's. Never raises.
+        expand: ``folder -> files``: this format's files in a folder, an index preferred; empty when there
+            are none. None: the files ending in one of ``suffixes``, sorted.
+        open: ``files -> Checkpoint``, validating every header before it returns. None: the format is
+            recognised but not read yet, and opening it raises `UnsupportedFormatError`.
+        writer: how to write this format, or None.
+
+    Example:
+        >>> from jaxweights.formats import FORMATS
+        >>> [(plugin.name.value, plugin.open is not None) for plugin in FORMATS]
+        [('safetensors', True), ('gguf', False), ('pytorch', False)]
+    """
+
+    name: WeightsFormat
+    title: str
+    suffixes: tuple[str, ...]
+    sniff: Callable[[bytes, Path], bool]
+    expand: Callable[[Path], list[Path]] | None = None
+    open: Callable[[Sequence[Path]], Checkpoint] | None = None
+    writer: FormatWriter | None = None
+
+    def files_in(self, folder: Path) -> list[Path]:
+        """This format's files in ``folder`` (see ``expand``)."""
+        if self.expand is not None:
+            return self.expand(folder)
+        return sorted(path for path in folder.iterdir() if path.name.endswith(self.suffixes))
+
+    def owns(self, path: Path) -> bool:
+        """True when ``path``'s name ends in one of ``suffixes``."""
+        return path.name.endswith(self.suffixes)
+
+    def require_writer(self) -> FormatWriter:
+        """The writer, or `UnsupportedFormatError` when this format cannot be written."""
+        if self.writer is None:
+            raise UnsupportedFormatError(
+                f"jaxweights cannot write {self.title} files; save as safetensors instead."
+            )
+        return self.writer

@@ -1,5 +1,9 @@
 """Safetensors: header parser and validator, multi-file and ``index.json`` catalogues, and a writer.
 
+Registered as `PLUGIN` in `jaxweights.formats`: it recognises safetensors files and their JSON indexes
+(``*.safetensors.index.json``), lists them in a folder (the index preferred), opens them as one
+`Checkpoint`, and writes single files or shards plus an index (`WRITER`).
+
 The header is parsed and validated in full before any tensor byte is touched: header length within
 the file, UTF-8 JSON object without duplicate keys, known dtypes, non-negative shapes, offsets inside
 the data section that do not overlap and whose length equals shape x dtype. Never imports jax.
@@ -14,37 +18,56 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from .._buffers import ALIGNMENT
 from .._dtypes import DTYPE_TO_SAFETENSORS, SAFETENSORS_TO_DTYPE, DType, pack_nibbles
+from .._libc import fsync_dir
+from .._shapes import element_count
 from ..errors import (
+    ArgumentError,
     CheckpointError,
     CheckpointNotFoundError,
     DuplicateTensorError,
     UnsupportedFormatError,
 )
-from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._checkpoint import (
+    Checkpoint,
+    FormatPlugin,
+    FormatWriter,
+    TensorInfo,
+    TensorSpec,
+    WeightsFormat,
+    WriteTensor,
+    spec_of,
+)
 
 __all__ = [
     "INDEX_NAME",
+    "PLUGIN",
     "TensorSpec",
+    "WRITER",
+    "WriteTensor",
     "fsync_dir",
-    "layout",
     "open_safetensors",
     "read_header",
     "save_file",
+    "sniff",
     "spec_of",
+    "weight_files",
     "write_array",
-    "write_bytes",
+    "write_at",
     "write_file",
+    "write_folder",
+    "write_order",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
 
 
@@ -173,15 +196,14 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_len: i
         dtype = SAFETENSORS_TO_DTYPE[entry["dtype"]]
         shape = entry["shape"]
         begin, end = entry["data_offsets"]
-        count = 1
-        for dim in shape:
-            if type(dim) is not int or dim < 0:
-                raise TypeError
-            count *= dim
-        if type(begin) is not int or type(end) is not int or type(shape) is not list:
-            raise TypeError
     except (KeyError, TypeError, ValueError):
         raise _describe(path, name, entry) from None
+    if type(begin) is not int or type(end) is not int or type(shape) is not list:
+        raise _describe(path, name, entry)
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise _describe(path, name, entry)
+    count = element_count(shape)
     if begin < 0 or end < begin or end > data_len:
         raise _entry_error(
             path,
@@ -381,27 +403,7 @@ def _open_safetensors(paths: Sequence[Path]) -> Checkpoint:
 # ---------------------------------------------------------------------------------------------
 
 
-class TensorSpec(NamedTuple):
-    """A tensor to write: its name, dtype and shape (the bytes come later, from a callback)."""
-
-    name: str
-    dtype: DType
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the tensor occupies in the file."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * self.dtype.size_in_bits // 8
-
-
-WriteTensor = Callable[[TensorSpec, BinaryIO], None]
-"""Writes exactly ``spec.nbytes`` bytes of one tensor at the file's current position."""
-
-
-def layout(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+def _layout(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """Data order that starts as many bytes as possible on 64-byte boundaries, with no gaps (the
     reference reader rejects gaps). Tensors whose size is a multiple of 64 go first, in the caller's
     order, and all start aligned; the rest are placed greedily: the largest one whenever the offset is
@@ -421,27 +423,30 @@ def layout(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     return order
 
 
-def header_bytes(
+def _header_bytes(
     specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[TensorSpec]]:
     """The header (length prefix included, padded so data starts 64-byte aligned) and the data order."""
     header: dict[str, Any] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-            raise TypeError("metadata must map strings to strings (safetensors stores text only).")
+            raise ArgumentError(
+                f"metadata must map strings to strings (safetensors stores text only), found "
+                f"{dict(metadata)!r:.200}."
+            )
         header["__metadata__"] = dict(metadata)
     seen: set[str] = set()
     for spec in specs:
         if not isinstance(spec.name, str):
-            raise TypeError(f"Tensor names must be strings, found {spec.name!r}.")
+            raise ArgumentError(f"Tensor names must be strings, found {spec.name!r}.")
         if spec.name in seen or spec.name == "__metadata__":
             raise CheckpointError(f"Tensor name {spec.name!r} is used twice (or reserved).", tensor=spec.name)
         seen.add(spec.name)
-        if spec.dtype.is_packed and _count(spec) % 2:
+        if spec.dtype.is_packed and element_count(spec.shape) % 2:
             raise CheckpointError(
                 f"Tensor {spec.name!r}: float4 tensors need an even element count.", tensor=spec.name
             )
-    order = layout(specs)
+    order = _layout(specs)
     entries: dict[str, Any] = {}
     offset = 0
     for spec in order:
@@ -457,13 +462,6 @@ def header_bytes(
     return struct.pack("<Q", len(text)) + text, order
 
 
-def _count(spec: TensorSpec) -> int:
-    count = 1
-    for dim in spec.shape:
-        count *= dim
-    return count
-
-
 def write_file(
     path: str | os.PathLike[str],
     specs: Sequence[TensorSpec],
@@ -472,11 +470,21 @@ def write_file(
 ) -> Path:
     """Writes a safetensors file whose tensor bytes come from ``write``, one tensor at a time.
 
-    The file is written under a temporary name in the same folder, fsynced, then renamed over ``path``;
-    on any failure the temporary file is removed and an existing ``path`` is untouched.
+    ``write`` is called in `write_order`, the data order that aligns the most tensors. The file is written
+    under a temporary name in the same folder, fsynced, then renamed over ``path``; on any failure the
+    temporary file is removed and an existing ``path`` is untouched.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> values = {"b": np.ones(3, np.int8), "w": np.zeros((4, 4), np.float32)}
+        >>> specs = [spec_of(name, value) for name, value in values.items()]
+        >>> path = write_file(f"{tempfile.mkdtemp()}/m.safetensors", specs,
+        ...                   lambda spec, out: write_array(out, values[spec.name]))
+        >>> [info.name for info in read_header(path)[0]], [spec.name for spec in write_order(specs)]
+        (['b', 'w'], ['w', 'b'])
     """
     path = Path(path)
-    prefix, order = header_bytes(specs, metadata)
+    prefix, order = _header_bytes(specs, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -504,13 +512,72 @@ def write_file(
     return path
 
 
-def spec_of(name: str, value: Any) -> TensorSpec:
-    """The spec of an array-like, read from its ``shape``/``dtype`` without converting it."""
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape is None or dtype is None:
-        value = np.asarray(value)
-        shape, dtype = value.shape, value.dtype
-    return TensorSpec(name, DType.from_any(np.dtype(dtype)), tuple(int(d) for d in shape))
+def _shards(specs: Sequence[TensorSpec], limit: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of at most ``limit`` bytes each (a larger tensor gets a group of its own)."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return groups
+
+
+def write_folder(
+    folder: Path,
+    specs: Sequence[TensorSpec],
+    write: WriteTensor,
+    metadata: Mapping[str, str] | None,
+    max_shard_size: int,
+) -> list[Path]:
+    """Writes ``model.safetensors`` into an existing folder, or, past ``max_shard_size`` bytes, shards
+    ``model-00001-of-0000N.safetensors`` plus the standard ``model.safetensors.index.json``.
+
+    Every file is fsynced; the folder itself is not (the caller swaps it in and syncs it then).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from pathlib import Path
+        >>> values = {f"w{i}": np.full(256, i, np.float32) for i in range(3)}  # 1 KiB each
+        >>> files = write_folder(Path(tempfile.mkdtemp()), [spec_of(n, v) for n, v in values.items()],
+        ...                      lambda spec, out: write_array(out, values[spec.name]), None, 2048)
+        >>> [path.name for path in files]
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
+    """
+    groups = _shards(specs, max_shard_size)
+    if len(groups) == 1:
+        return [write_file(folder / "model.safetensors", groups[0], write, metadata)]
+    files: list[Path] = []
+    weight_map: dict[str, str] = {}
+    for number, group in enumerate(groups, start=1):
+        files.append(
+            write_file(
+                folder / f"model-{number:05d}-of-{len(groups):05d}.safetensors", group, write, metadata
+            )
+        )
+        weight_map.update({spec.name: files[-1].name for spec in group})
+    index = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in specs), **(metadata or {})},
+        "weight_map": weight_map,
+    }
+    files.append(folder / INDEX_NAME)
+    with open(files[-1], "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(index, indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return files
+
+
+def write_order(specs: Sequence[TensorSpec], max_shard_size: int | None = None) -> list[TensorSpec]:
+    """The order `write_folder` (with ``max_shard_size``) or `write_file` (without) calls ``write`` in.
+
+    Tensors whose size is a multiple of 64 bytes come first and all start aligned; the rest follow in
+    the order that brings the offset back to alignment soonest.
+    """
+    groups = [list(specs)] if max_shard_size is None else _shards(specs, max_shard_size)
+    return [spec for group in groups for spec in _layout(group)]
 
 
 def save_file(
@@ -546,43 +613,60 @@ def write_array(out: BinaryIO, value: Any) -> None:
         data = data.byteswap().view(data.dtype.newbyteorder("<"))
     if dtype.is_packed:
         data = pack_nibbles(data)
-    write_bytes(out, data.reshape(-1).view(np.uint8))
+    _write_bytes(out, data.reshape(-1).view(np.uint8))
 
 
-def is_zero(data: np.ndarray) -> bool:
+def _is_zero(data: np.ndarray) -> bool:
     """True when every byte is zero; cheap for typical data (the ends are looked at first)."""
     if data.size == 0 or data[:64].any() or data[-64:].any():
         return False
     return not data.any()
 
 
-def write_bytes(out: BinaryIO, data: np.ndarray) -> None:
+def _write_bytes(out: BinaryIO, data: np.ndarray) -> None:
     """Writes uint8 ``data`` at the current position; all-zero data (a fresh optimizer's moments, zero
     biases) becomes a hole in a sparse file instead (`write_file` sets the final size), which readers see
     as the same zeros without the disk write."""
-    if data.nbytes >= 4096 and is_zero(data):
+    if data.nbytes >= 4096 and _is_zero(data):
         out.seek(data.nbytes, os.SEEK_CUR)
     else:
         out.write(data.data)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Makes a folder's entries (new or renamed files) durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
+def write_at(out: BinaryIO, data: np.ndarray, position: int) -> None:
+    """Writes uint8 ``data`` at absolute ``position`` with ``pwrite``, leaving ``out``'s position alone;
+    all-zero data is left as a hole, as in `write_array`. Flush ``out`` first."""
+    if data.nbytes >= 4096 and _is_zero(data):
         return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    view, done, fd = data.data.cast("B"), 0, out.fileno()
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], position + done)
 
 
-def iter_weight_files(folder: Path) -> Iterable[Path]:
+# ---------------------------------------------------------------------------------------------
+# The plug-in
+# ---------------------------------------------------------------------------------------------
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """True for a safetensors file (a little-endian header length up to 100 MB, then ``{``) or a JSON
+    index (text starting with ``{``).
+
+    Example:
+        >>> from pathlib import Path
+        >>> sniff(struct.pack("<Q", 16) + b"{", Path("m.bin")), sniff(b'{"weight_map"', Path("i.json"))
+        (True, True)
+        >>> sniff(b"GGUF" + struct.pack("<I", 3) + b"{", Path("m.safetensors"))  # a 13 GB header length
+        False
+    """
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_SIZE:
+        return True
+    return head.lstrip()[:1] == b"{"
+
+
+def weight_files(folder: Path) -> list[Path]:
     """Safetensors files and indexes in a folder, the index preferred when present."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     preferred = folder / INDEX_NAME
     if preferred in indexes:
         return [preferred]
@@ -595,3 +679,22 @@ def iter_weight_files(folder: Path) -> Iterable[Path]:
             file=folder,
         )
     return sorted(folder.glob("*.safetensors"))
+
+
+WRITER = FormatWriter(
+    write_file=write_file,
+    write_folder=write_folder,
+    write_order=write_order,
+    write_array=write_array,
+    write_at=write_at,
+)
+
+PLUGIN = FormatPlugin(
+    name=WeightsFormat.safetensors,
+    title="safetensors",
+    suffixes=(".safetensors", INDEX_SUFFIX),
+    sniff=sniff,
+    expand=weight_files,
+    open=open_safetensors,
+    writer=WRITER,
+)
