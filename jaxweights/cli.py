@@ -1,17 +1,22 @@
 """The command line: ``jaxweights inspect PATH...``, ``jaxweights convert SRC DST``, ``jaxweights demo``.
 
-Errors from bad input print one line naming the file and the fix, and exit with status 2.
+Never shows a traceback for a user's mistake: a jaxweights error or an unreadable path prints one message
+naming the file and the fix and exits with status 2 (as argparse does for a usage error); Ctrl-C exits
+with 130; a reader that stops early (``jaxweights demo | head -1``) ends it quietly. Programming errors
+still raise.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from ._display import format_bytes
 from ._weights import load_weights
 from .errors import WeightsError
@@ -88,11 +93,11 @@ def _convert(source: Sequence[str], target: str) -> None:
     print(f"wrote {out} ({len(arrays)} tensors, 64-byte aligned)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jaxweights`` command."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxweights", description=__doc__.splitlines()[0] if __doc__ else None
     )
+    parser.add_argument("--version", action="version", version=f"jaxweights {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="print a checkpoint's tree with dtypes, shapes and sizes")
     inspect.add_argument("paths", nargs="+", help="files, folders or an index.json")
@@ -101,15 +106,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     convert.add_argument("source", nargs="+", help="files, folders or an index.json")
     convert.add_argument("target", help="output .safetensors path")
     sub.add_parser("demo", help="load the embedded default checkpoint and print its tree")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "inspect":
+        _inspect(args.paths, args.full)
+    elif args.command == "convert":
+        _convert(args.source, args.target)
+    else:
+        _demo()
+
+
+def _describe_os_error(error: OSError) -> str:
+    """One line for an `OSError` the user can fix: the path, the reason, what to check."""
+    reason = error.strerror or str(error)
+    if error.filename is None:
+        return f"{reason}."
+    return f"cannot use {os.fsdecode(error.filename)}: {reason}. Check the path and its permissions."
+
+
+def _silence_stdout() -> None:
+    """Points stdout at the null device so the interpreter's final flush cannot fail again (the recipe of
+    the Python docs' note on SIGPIPE)."""
     try:
-        if args.command == "inspect":
-            _inspect(args.paths, args.full)
-        elif args.command == "convert":
-            _convert(args.source, args.target)
-        else:
-            _demo()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, or already closed): nothing to flush
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxweights`` command; returns the exit status.
+
+    Example:
+        >>> main(["inspect", "no/such/model.safetensors"])
+        2
+    """
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print("jaxweights: interrupted", file=sys.stderr)
+        return 130
     except WeightsError as error:
         print(f"jaxweights: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"jaxweights: {_describe_os_error(error)}", file=sys.stderr)
         return 2
     return 0

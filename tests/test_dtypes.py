@@ -68,10 +68,94 @@ def test_from_any_accepts_jnp_ml_dtypes_and_numpy_names() -> None:
     assert DType.from_numpy(np.dtype("uint16")) is DType.uint16
 
 
-@pytest.mark.parametrize("value", ["float33", object, np.dtype("U3"), 3])
+@pytest.mark.parametrize("value", [object, np.dtype("U3"), 3, np.dtype("complex128"), "float8_e4m3"])
 def test_from_any_rejects_unknown(value: object) -> None:
-    with pytest.raises(DTypeError, match=r"is not a supported element type. Use one of: bool, int8"):
+    with pytest.raises(
+        DTypeError, match=r"is not a supported element type\.( Did you mean '\w+'\?)? Use one of: bool, int8"
+    ):
         DType.from_any(value)  # type: ignore[arg-type]
+
+
+ALIASES = {
+    DType.bfloat16: ["bf16", "BF16", "Bf16", "bfloat16", "BFloat16"],
+    DType.float16: ["fp16", "FP16", "f16", "F16", "half", "Half", "float16", "f2", "e"],
+    DType.float32: ["fp32", "f32", "F32", "single", "Float32", "FLOAT32", "f4", "<f4", "f"],
+    DType.float64: ["fp64", "f64", "double", "Double", "f8", "d"],
+    DType.float8_e4m3fn: ["fp8_e4m3", "FP8_E4M3", "f8e4m3", "e4m3", "E4M3", "e4m3fn", "F8_E4M3", "f8_e4m3"],
+    DType.float8_e4m3fnuz: ["e4m3fnuz", "fp8_e4m3fnuz", "F8_E4M3FNUZ"],
+    DType.float8_e5m2: ["fp8_e5m2", "e5m2", "E5M2", "f8e5m2", "F8_E5M2"],
+    DType.float8_e5m2fnuz: ["e5m2fnuz", "F8_E5M2FNUZ"],
+    DType.float8_e8m0fnu: ["e8m0", "fp8_e8m0", "F8_E8M0"],
+    DType.float4_e2m1fn: ["fp4", "FP4", "fp4_e2m1", "float4", "Float4", "e2m1", "F4"],
+    DType.int8: ["i8", "I8", "int8", "INT8", "i1", "b"],
+    DType.int16: ["i16", "I16", "i2", "short"],
+    DType.int32: ["i32", "Int32", "i4", "intc"],
+    DType.int64: ["i64", "int64", "int_"],
+    DType.uint8: ["u8", "U8", "uint8", "UInt8", "u1", "B"],
+    DType.uint16: ["u16", "u2"],
+    DType.uint32: ["u32", "u4"],
+    DType.uint64: ["u64", "UINT64"],
+    DType.bool: ["bool", "BOOL", "bool_", "Bool", "?", "b1"],
+    DType.complex64: ["c64", "C64", "complex64", "Complex64", "c8"],
+}
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"), [(s, dtype) for dtype, spellings in ALIASES.items() for s in spellings]
+)
+def test_from_any_accepts_aliases_in_any_case(spelling: str, expected: DType) -> None:
+    assert DType.from_any(spelling) is expected
+
+
+def test_lower_case_safetensors_codes_are_aliases_except_numpys_f4() -> None:
+    for dtype, code in DTYPE_TO_SAFETENSORS.items():
+        assert DType.from_any(code.lower()) is (DType.float32 if code == "F4" else dtype), code
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [
+        ("bfloat", "bfloat16"),
+        ("flaot32", "float32"),
+        ("Bfloat_16", "bfloat16"),
+        ("fp_16", "float16"),
+        ("unit8", "uint8"),
+    ],
+)
+def test_unknown_strings_get_a_did_you_mean(typo: str, suggestion: str) -> None:
+    with pytest.raises(
+        DTypeError, match=rf"^'{typo}' is not a supported element type\. Did you mean '{suggestion}'\?"
+    ):
+        DType.from_any(typo)
+
+
+@pytest.mark.parametrize(
+    ("value", "suggestion"),
+    [
+        ("float", r"Pass 'float32' \(or 'float64'"),
+        ("Float", r"Pass 'float32' \(or 'float64'"),
+        (float, r"Pass 'float32' \(or 'float64'"),
+        ("int", r"Pass 'int32' \(or 'int64'"),
+        (int, r"Pass 'int32' \(or 'int64'"),
+        ("uint", r"Pass 'uint32' \(or 'uint64'"),
+        ("complex", r"Pass 'complex64'"),
+        (complex, r"Pass 'complex64'"),
+        ("fp8", r"Pass 'float8_e4m3fn' .* or 'float8_e5m2'"),
+        ("FP8", r"Pass 'float8_e4m3fn' .* or 'float8_e5m2'"),
+        ("float8", r"Pass 'float8_e4m3fn' .* or 'float8_e5m2'"),
+    ],
+)
+def test_ambiguous_names_are_refused_with_a_suggestion(value: object, suggestion: str) -> None:
+    with pytest.raises(DTypeError, match=r"is ambiguous: .*" + suggestion) as caught:
+        DType.from_any(value)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValueError)
+
+
+def test_python_and_numpy_types_keep_their_meaning() -> None:
+    assert DType.from_any(bool) is DType.bool
+    assert DType.from_any(np.float64) is DType.float64 and DType.from_any(np.int_) is DType.int64
+    assert DType.from_any(np.bool_) is DType.bool and DType.from_any(np.complex64) is DType.complex64
+    assert DType.from_numpy(float) is DType.float64  # from_numpy is numpy's reading, explicitly
 
 
 def test_predicates_and_sizes() -> None:
