@@ -1,0 +1,78 @@
+"""The one home of JAX APIs that are private or changed between versions; each function has a fallback
+and a test.
+
+Nothing else in jaxweights touches a private JAX attribute or a module that moved between releases. Each
+function here is small, says what it falls back to, and never raises because JAX changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["jit_cache_size", "program_constants"]
+
+
+def jit_cache_size(jitted: Any) -> int | None:
+    """Entries in a `jax.jit` function's compiled cache, or None where this JAX does not expose them.
+
+    Uses the private ``_cache_size()`` of jitted functions (present from JAX 0.4 to at least 0.10).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f = jax.jit(lambda x: x + 1)
+        >>> _ = f(jnp.ones(2)), f(jnp.ones(3))
+        >>> jit_cache_size(f), jit_cache_size(lambda x: x)
+        (2, None)
+    """
+    size = getattr(jitted, "_cache_size", None)
+    if not callable(size):
+        return None
+    try:
+        return int(size())
+    except Exception:  # a changed signature: report nothing rather than fail
+        return None
+
+
+def program_constants(closed_jaxpr: Any) -> list[Any]:
+    """Every array baked into a traced program: the constants of ``closed_jaxpr`` (as
+    ``jax.jit(f).trace(...).jaxpr`` gives it) and of the programs nested in it (inner ``jit``, ``cond``,
+    ``scan``), and the array literals JAX inlines when ``jax_use_simplified_jaxpr_constants`` is on.
+
+    Walking nested programs uses `jax.extend.core`, whose names moved between JAX versions; without it,
+    only the outer program's ``consts`` are returned.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> table = np.ones((4, 4), np.float32)
+        >>> inner = jax.jit(lambda x: x @ table)
+        >>> closed = jax.jit(lambda x: jnp.tanh(inner(x))).trace(jnp.ones(4)).jaxpr
+        >>> [c.shape for c in program_constants(closed)]
+        [(4, 4)]
+    """
+    try:
+        from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+    except ImportError:  # an older or newer JAX without these names
+        return list(closed_jaxpr.consts)
+    found: dict[int, Any] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, ClosedJaxpr):
+            for const in value.consts:
+                found.setdefault(id(const), const)
+            visit(value.jaxpr)
+        elif isinstance(value, Jaxpr):
+            for eqn in value.eqns:
+                for var in eqn.invars:
+                    if isinstance(var, Literal) and hasattr(var.val, "shape"):
+                        found.setdefault(id(var.val), var.val)
+                for param in eqn.params.values():
+                    visit(param)
+            for var in value.outvars:
+                if isinstance(var, Literal) and hasattr(var.val, "shape"):
+                    found.setdefault(id(var.val), var.val)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+
+    visit(closed_jaxpr)
+    return list(found.values())
