@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -12,6 +11,11 @@ import pytest
 import safetensors.numpy
 
 import jaxweights as jw
+from jaxweights._pytree import path_name
+
+# Flax leaf name -> (PyTorch tensor name, transposed?): the conventions `TORCH_TO_FLAX` encodes, restated.
+TORCH_NAMES = {"kernel": ("weight", True), "bias": ("bias", False), "scale": ("weight", False)}
+TORCH_NAMES["embedding"] = ("weight", False)
 
 
 def minilm() -> Path:
@@ -75,15 +79,18 @@ def test_hugging_face_minilm_restores_into_a_flax_nnx_bert() -> None:
         weights.restore(skeleton, keymap=jw.TORCH_TO_FLAX)  # a buffer, not a parameter: reported, not dropped
     model = weights.restore(skeleton, keymap=jw.TORCH_TO_FLAX, strict=False)
     assert isinstance(model, Bert)
-    query = weights.encoder.layer[3].attention.self.query
-    restored: Any = model.encoder.layer[3].attention.self.query
-    np.testing.assert_array_equal(np.asarray(restored.kernel[...]), query.weight.data().data.T)
-    np.testing.assert_array_equal(np.asarray(restored.bias[...]), query.bias.data().data)
-    np.testing.assert_array_equal(
-        np.asarray(model.embeddings.LayerNorm.scale[...]),  # type: ignore[index]
-        weights.embeddings.LayerNorm.weight.data().data,
-    )
     assert model.embeddings.word_embeddings.embedding[...].shape == (30522, 384)
+    source = safetensors.numpy.load_file(str(minilm()))  # the reference reader
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+    assert len(leaves) == len(source) - 1  # every tensor but the position_ids buffer
+    for path, leaf in leaves:
+        prefix, last = path_name(path).rsplit(".", 1)
+        torch_name, transposed = TORCH_NAMES[last]
+        want = source[f"{prefix}.{torch_name}"]
+        want = want.T if transposed else want
+        got = np.asarray(jax.device_get(leaf))
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), path_name(path)
+        assert np.array_equal(got, want), path_name(path)
 
 
 def test_our_files_load_in_the_reference_readers(tmp_path: Path) -> None:
@@ -91,7 +98,15 @@ def test_our_files_load_in_the_reference_readers(tmp_path: Path) -> None:
 
     tree = {"a": {"b": jax.numpy.arange(6.0).reshape(2, 3)}, "c": np.ones(5, np.int8)}
     folder = jw.save(tree, tmp_path / "ckpt")
-    as_numpy = safetensors.numpy.load_file(str(folder / "model.safetensors"))
-    np.testing.assert_array_equal(as_numpy["a.b"], np.arange(6.0).reshape(2, 3))
-    as_flax = load_file(str(folder / "model.safetensors"))
-    np.testing.assert_array_equal(np.asarray(as_flax["c"]), np.ones(5, np.int8))
+    want: dict[str, np.ndarray] = {
+        "a.b": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+        "c": np.ones(5, np.int8),
+    }
+    for read in (safetensors.numpy.load_file, load_file):
+        got: dict[str, np.ndarray] = {
+            k: np.asarray(v) for k, v in read(str(folder / "model.safetensors")).items()
+        }
+        assert got.keys() == want.keys()
+        for name, array in want.items():
+            assert (got[name].dtype, got[name].shape) == (array.dtype, array.shape), name
+            assert got[name].tobytes() == array.tobytes(), name

@@ -88,8 +88,7 @@ def test_each_process_reads_exactly_its_share(count: int, checkpoint: Path, tmp_
         assert "error" not in result, result.get("trace")
         assert result["local_devices"] == 8 // count
         assert result["shards_ok"]
-        for name, (got, want) in result["sums"].items():
-            assert got == pytest.approx(want, rel=1e-5), name
+        assert result["gathered"] == dict.fromkeys(safetensors.numpy.load_file(str(checkpoint)), True)
         assert result["bytes_copied"] == result["expected_bytes"]
         assert result["bytes_copied"] < result["checkpoint_bytes"]
 
@@ -114,8 +113,10 @@ def test_a_sharded_multi_process_save(checkpoint: Path, tmp_path: Path) -> None:
         assert result["fully_addressable"] is False  # every array spans both processes
     import jaxweights as jw
 
-    saved, original = jw.load_weights(results[0]["saved"]), jw.load_weights(checkpoint)
-    assert sorted(saved.params.keys()) == sorted(original.keys())
-    for name in original.keys():  # noqa: SIM118 - keys() is the accessor method
-        np.testing.assert_array_equal(saved.params[name].data().data, original[name].data().data)
+    saved, source = jw.load_weights(results[0]["saved"]), safetensors.numpy.load_file(str(checkpoint))
+    assert sorted(saved.params.keys()) == sorted(source)
+    for name, want in source.items():
+        got = saved.params[name].data().data
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), name
+        assert got.tobytes() == want.tobytes(), name
     assert saved.restore({"step": 0}, strict=False)["step"] == 7

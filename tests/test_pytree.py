@@ -1,3 +1,5 @@
+"""Names of tree paths, nesting dotted names, and reading a checkpoint prefix into a pytree of arrays."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from numpy.typing import DTypeLike
 
 import jaxweights as jw
 from jaxweights._pytree import flatten_target, nest, path_name
@@ -45,15 +48,31 @@ def test_flatten_target_unwraps_nnx_variables_and_rejects_clashes() -> None:
         flatten_target({"a.b": 1, "a": {"b": 2}})
 
 
+# Every element distinct and exactly representable in bfloat16, so converted values are known exactly.
+VALUES = {
+    "encoder.layer.0.attn.weight": np.arange(32, dtype=np.float32).reshape(8, 4),
+    "encoder.layer.1.attn.weight": -np.arange(32, dtype=np.float32).reshape(8, 4) - 0.5,
+    "encoder.norm.scale": np.array([0.25, 0.5, 2.0, 4.0], np.float32),
+    "encoder.ids": np.arange(3, dtype=np.int32),
+}
+
+
+def assert_holds(tree: object, prefix: str, dtype: DTypeLike | None = None) -> None:
+    """Each leaf of ``tree`` is the `VALUES` entry under ``prefix``, bit for bit (converted if floating)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    assert leaves
+    for path, leaf in leaves:
+        want = VALUES[f"{prefix}{path_name(path)}"]
+        if dtype is not None and np.issubdtype(want.dtype, np.floating):
+            want = want.astype(dtype)
+        got = np.asarray(jax.device_get(leaf))
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), path_name(path)
+        assert got.tobytes() == want.tobytes(), path_name(path)
+
+
 @pytest.fixture
 def weights(tmp_path: Path) -> jw.Weights:
-    values = {
-        "encoder.layer.0.attn.weight": np.full((8, 4), 0, np.float32),
-        "encoder.layer.1.attn.weight": np.full((8, 4), 1, np.float32),
-        "encoder.norm.scale": np.ones(4, np.float32),
-        "encoder.ids": np.arange(3, dtype=np.int32),
-    }
-    return jw.load_weights(jw.save_file(values, tmp_path / "m.safetensors"))
+    return jw.load_weights(jw.save_file(VALUES, tmp_path / "m.safetensors"))
 
 
 def test_to_pytree_places_arrays(weights: jw.Weights) -> None:
@@ -62,12 +81,13 @@ def test_to_pytree_places_arrays(weights: jw.Weights) -> None:
     assert isinstance(tree["layer"], list) and len(tree["layer"]) == 2
     assert tree["layer"][1]["attn"]["weight"].dtype == jax.numpy.bfloat16
     assert tree["ids"].dtype == np.int32  # dtype converts floating tensors only
-    assert float(tree["layer"][1]["attn"]["weight"][0, 0]) == 1.0
+    assert_holds(tree, "encoder.", jax.numpy.bfloat16)
     assert set(weights.allocated_weights) == {
         f"encoder.{n}" for n in ("layer.0.attn.weight", "layer.1.attn.weight", "norm.scale", "ids")
     }
     as_dicts = weights.encoder.layer.to_pytree(lists=False)
     assert list(as_dicts) == ["0", "1"]
+    assert_holds(as_dicts, "encoder.layer.")
 
 
 def test_to_pytree_shapes_only_reads_nothing(weights: jw.Weights) -> None:
