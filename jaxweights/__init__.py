@@ -1,6 +1,6 @@
 """jaxweights: one clean way to reach the weights inside model checkpoints from JAX."""
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata as _metadata
 
 from . import errors as errors
 from ._devices import DeviceKind as DeviceKind
@@ -28,6 +28,6 @@ from .formats import weights_format as weights_format
 from .formats.safetensors import save_file as save_file
 
 try:
-    __version__ = version("jaxweights")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _metadata.version("jaxweights")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"

@@ -7,6 +7,7 @@ A *placement* is what `allocate(device=...)` accepts: a `DeviceRef`, a `jax.Devi
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeAlias
@@ -16,11 +17,13 @@ from jax.sharding import Sharding, SingleDeviceSharding
 
 from .errors import DeviceError
 
-__all__ = ["DeviceKind", "DeviceRef", "Placement", "to_sharding"]
+__all__ = ["DeviceKind", "DeviceRef", "Placement", "is_cpu_only", "to_sharding", "usable_cores"]
 
 
 class DeviceKind(enum.Enum):
     """The kind of device a `DeviceRef` points at."""
+
+    __module__ = "jaxweights"
 
     CPU = "cpu"
     GPU = "gpu"
@@ -39,6 +42,8 @@ class DeviceRef:
         >>> DeviceRef.from_jax(DeviceRef.CPU(1).to_jax())
         DeviceRef.CPU(1)
     """
+
+    __module__ = "jaxweights"
 
     device_type: DeviceKind
     id: int = 0
@@ -120,3 +125,19 @@ def to_sharding(placement: Placement) -> Sharding:
         f"device={placement!r} is not a placement. Pass a DeviceRef (DeviceRef.CPU(), "
         f"DeviceRef.GPU(0)), a jax.Device or a jax.sharding.Sharding."
     )
+
+
+def is_cpu_only(sharding: Sharding) -> bool:
+    """True when every device of ``sharding`` this process holds is a CPU device."""
+    return all(getattr(device, "platform", None) == "cpu" for device in sharding.addressable_devices)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            return max(1, len(affinity(0)))
+        except OSError:  # pragma: no cover - a sandbox that hides it
+            pass
+    return max(1, os.cpu_count() or 1)

@@ -9,6 +9,7 @@ import html
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ._names import is_under, segment_key
 from .formats import Checkpoint, TensorInfo
 
 __all__ = ["format_bytes", "tree_html", "tree_text"]
@@ -21,12 +22,14 @@ def format_bytes(count: int) -> str:
         >>> format_bytes(90_868_376)
         '90.9 MB'
     """
+    if count < 1000:
+        return f"{int(count)} B"
     size = float(count)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("kB", "MB", "GB"):
         size /= 1000
-    raise AssertionError("unreachable")  # pragma: no cover
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} TB"
 
 
 @dataclass
@@ -46,15 +49,16 @@ class _Node:
         return count, nbytes
 
 
-def _natural(segment: str) -> tuple[int, int, str]:
-    return (0, int(segment), "") if segment.isdigit() else (1, 0, segment)
+def _in_view(name: str, prefix: str) -> bool:
+    """The tensors a view of ``prefix`` shows: the one named ``prefix`` and every one under it."""
+    return name == prefix or is_under(name, prefix)
 
 
 def _build(checkpoint: Checkpoint, prefix: str) -> _Node:
     root = _Node()
     skip = len(prefix) + 1 if prefix else 0
     for name, info in checkpoint.items():
-        if prefix and name != prefix and not name.startswith(prefix + "."):
+        if not _in_view(name, prefix):
             continue
         node = root
         relative = name[skip:] if name != prefix else ""
@@ -66,7 +70,7 @@ def _build(checkpoint: Checkpoint, prefix: str) -> _Node:
 
 
 def _sort(node: _Node) -> None:
-    node.children = dict(sorted(node.children.items(), key=lambda kv: _natural(kv[0])))
+    node.children = dict(sorted(node.children.items(), key=lambda kv: segment_key(kv[0])))
     for child in node.children.values():
         _sort(child)
 
@@ -119,16 +123,9 @@ def tree_text(
     """The tree under ``prefix`` as text, with a one-line header of counts, sizes and dtypes."""
     root = _build(checkpoint, prefix)
     count, nbytes = root.stats()
-    params = sum(
-        info.size
-        for name, info in checkpoint.items()
-        if not prefix or name == prefix or name.startswith(prefix + ".")
-    )
-    dtypes = Counter(
-        (info.encoding.name if info.encoding else info.dtype.name)
-        for name, info in checkpoint.items()
-        if not prefix or name == prefix or name.startswith(prefix + ".")
-    )
+    shown = [info for name, info in checkpoint.items() if _in_view(name, prefix)]
+    params = sum(info.size for info in shown)
+    dtypes = Counter((info.encoding.name if info.encoding else info.dtype.name) for info in shown)
     files = ", ".join(p.name for p in checkpoint.files[:3]) + (" ..." if len(checkpoint.files) > 3 else "")
     kinds = ", ".join(f"{k} x{v}" for k, v in dtypes.most_common())
     title = prefix or files

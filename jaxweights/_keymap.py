@@ -29,6 +29,8 @@ class Transpose:
         ((4, 3, 2), (3, 2, 4))
     """
 
+    __module__ = "jaxweights"
+
     axes: tuple[int, ...] | None = None
 
     def permutation(self, ndim: int) -> tuple[int, ...]:
@@ -58,6 +60,8 @@ class TorchKernel(Transpose):
     """PyTorch weight layout to Flax kernel layout: Linear (out, in) -> (in, out); Conv1d (out, in, k) ->
     (k, in, out); Conv2d (out, in, h, w) -> (h, w, in, out); Conv3d likewise."""
 
+    __module__ = "jaxweights"
+
     def permutation(self, ndim: int) -> tuple[int, ...]:
         if ndim <= 2:
             return tuple(range(ndim))[::-1]
@@ -85,6 +89,8 @@ class KeyMap:
         >>> (keymap + TORCH_TO_FLAX).transform_for("dense.kernel")
         TorchKernel(axes=None)
     """
+
+    __module__ = "jaxweights"
 
     renames: tuple[tuple[str, str], ...] = ()
     transforms: tuple[tuple[str, Transform], ...] = ()

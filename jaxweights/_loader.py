@@ -4,7 +4,8 @@ The budget bounds the bytes being read at any moment (host staging memory, on ac
 larger than the budget runs alone. Each tensor is placed by `_placement.place`, whose copies run on their
 own pool, so the two pools never wait on each other. When every target is a CPU device, tensors are placed
 one after another: the copies already use every core, and the per-tensor work left is bound by the GIL,
-where more threads only add contention (measured: 1.3x slower on 2 cores).
+where more threads only add contention (docs/performance.md has the measurements). For accelerators, one
+loader thread per usable core (2 to 8) keeps host reads overlapping the transfers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Sharding
 
+from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
 from ._placement import place, plan_for
 from ._progress import Progress
@@ -27,7 +29,9 @@ __all__ = ["DEFAULT_BUDGET", "Job", "load_all", "planned_bytes"]
 DEFAULT_BUDGET = 1 << 30
 """Bytes in flight at once by default."""
 
-_WORKERS = 4
+
+def _accelerator_workers() -> int:
+    return min(8, max(2, usable_cores()))
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ def load_all(
     workers: int | None = None,
 ) -> dict[str, jax.Array]:
     """Places every job; returns ``{name: array}`` in job order. The first failure cancels the rest and
-    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else 4. ``progress`` is a
+    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else one per usable core
+    (2 to 8). ``progress`` is a
     `Progress` to advance, or whether to draw one (None: for large loads on a terminal)."""
     if not isinstance(progress, Progress):
         total = sum(job.nbytes for job in jobs)
@@ -109,7 +114,7 @@ def load_all(
 
     results: dict[str, jax.Array] = {}
     if workers is None:
-        workers = 1 if all(_cpu_only(job.sharding) for job in jobs) else _WORKERS
+        workers = 1 if all(is_cpu_only(job.sharding) for job in jobs) else _accelerator_workers()
     if workers <= 1:
         for job in jobs:
             results[job.info.name] = run(job)
@@ -130,10 +135,6 @@ def load_all(
         if first_error is not None:
             raise first_error
     return results
-
-
-def _cpu_only(sharding: Sharding) -> bool:
-    return all(getattr(device, "platform", None) == "cpu" for device in sharding.addressable_devices)
 
 
 class _CancelledError(Exception):

@@ -1,19 +1,18 @@
 """Bytes to `jax.Array`s: the only module that turns checkpoint bytes into device arrays.
 
 For one CPU device, 64-byte aligned tensors are handed to `jax.device_put` as read-only views of the file
-map, which XLA aliases (zero-copy). Other tensors are read once, by both cores, with `preadv` into 64-byte
-aligned buffers (faulted in ahead of the read) that `device_put` then aliases, so resident memory stays
-near one copy of the data. For a `Sharding`, the
-array is built with `jax.make_array_from_callback`, reading each distinct shard index once and only its
-bytes. Dtype conversion happens on the host for CPU targets (one pass, no second device buffer) and on
-the device otherwise.
+map, which XLA aliases (zero-copy). Other tensors are read once, by every usable core, with `preadv` into
+64-byte aligned buffers (faulted in ahead of the read) that `device_put` then aliases, so resident memory
+stays near one copy of the data. For a `Sharding`, the array is built with `jax.make_array_from_callback`,
+reading each distinct shard index once and only its bytes. Dtype conversion happens on the host for CPU
+targets (one pass, no second device buffer) and on the device otherwise. Integers narrowed to a smaller
+type (int64 with ``jax_enable_x64`` off) are range-checked on the host first: values never wrap silently.
+Measured figures live in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
@@ -25,33 +24,36 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 
 from ._buffers import ALIGNMENT, HUGE_PAGE, aligned_empty, populate
+from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
 from ._plan import BlockKey, BlockRead, ReadPlan, block_key, plan_reads
+from ._shapes import element_count
 from .errors import DTypeError, ShardingError
 from .formats import Checkpoint, TensorInfo
 
-__all__ = ["check_sharding", "is_zero_copy", "place", "plan_for", "read_blocks", "resolve_dtype"]
+__all__ = ["canonical_dtype", "check_sharding", "place", "plan_for", "read_blocks", "resolve_dtype"]
 
 _MIN_CHUNK = HUGE_PAGE  # parallel copies split on 2 MiB boundaries
 _MAX_CHUNK = 8 * HUGE_PAGE
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
+@cache
 def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="jaxweights-read")
-        return _pool
+    """The copy pool: one thread per usable core (at least two, so a copy overlaps a page-fault stall)."""
+    return ThreadPoolExecutor(_copy_workers(), thread_name_prefix="jaxweights-read")
+
+
+@cache
+def _copy_workers() -> int:
+    return max(2, usable_cores())
 
 
 def resolve_dtype(info: TensorInfo, requested: DType | None) -> DType:
     """The dtype an allocation produces: the request, or the stored dtype as JAX would canonicalise it
     (64-bit types become 32-bit unless ``jax_enable_x64`` is on)."""
     if requested is None:
-        return _canonical(info.dtype)
-    canonical = _canonical(requested)
+        return canonical_dtype(info.dtype)
+    canonical = canonical_dtype(requested)
     if canonical is not requested:
         raise DTypeError(
             f"Tensor {info.name!r} ({info.file}): dtype={requested.name} needs 64-bit support, which is "
@@ -63,7 +65,7 @@ def resolve_dtype(info: TensorInfo, requested: DType | None) -> DType:
     return requested
 
 
-def _canonical(dtype: DType) -> DType:
+def canonical_dtype(dtype: DType) -> DType:
     """``dtype`` as JAX stores it now (64-bit types narrow unless ``jax_enable_x64`` is on)."""
     x64 = np.dtype(jax.dtypes.canonicalize_dtype(np.int64)) == np.int64
     return _canonical_cached(dtype, bool(x64))
@@ -116,15 +118,6 @@ def check_sharding(info: TensorInfo, sharding: Sharding) -> None:
         ) from error
 
 
-def is_zero_copy(info: TensorInfo, dtype: DType, sharding: Sharding) -> bool:
-    """True when `place` will alias the file map instead of copying (CPU, aligned, same dtype)."""
-    return dtype is info.dtype and info.is_aligned() and _all_cpu(sharding)
-
-
-def _all_cpu(sharding: Sharding) -> bool:
-    return all(getattr(d, "platform", None) == "cpu" for d in sharding.addressable_devices)
-
-
 def place(
     checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding, *, checked: bool = False
 ) -> jax.Array:
@@ -143,13 +136,16 @@ def _place(
 ) -> jax.Array:
     if not checked:
         check_sharding(info, sharding)
-    on_cpu = _all_cpu(sharding)
-    host_dtype = dtype if on_cpu else info.dtype
+    on_cpu = is_cpu_only(sharding)
+    narrowing = _narrows_integers(info.dtype, dtype)
+    host_dtype = dtype if on_cpu and not narrowing else info.dtype
     indices = sharding.addressable_devices_indices_map(info.shape)
     if info.encoding is not None or info.dtype.is_packed:
         buffers = _whole_then_slice(checkpoint, info, host_dtype, indices)
     else:
         buffers = read_blocks(checkpoint, plan_for(info, sharding), host_dtype, on_cpu)
+    if narrowing:
+        buffers = _narrowed(info, buffers, dtype, convert=on_cpu)
     if len(sharding.device_set) == 1:
         (host,) = buffers.values()
         array: jax.Array = jax.device_put(host, sharding)
@@ -176,7 +172,7 @@ def plan_for(info: TensorInfo, sharding: Sharding) -> ReadPlan:
 
 @lru_cache(maxsize=4096)
 def _blocks(shape: tuple[int, ...], dtype: DType, sharding: Sharding) -> tuple[BlockRead, ...]:
-    probe = TensorInfo("", dtype, shape, Path(), 0, math.prod(shape) * dtype.size_in_bytes)
+    probe = TensorInfo("", dtype, shape, Path(), 0, element_count(shape) * dtype.size_in_bytes)
     return plan_reads(probe, sharding.addressable_devices_indices_map(shape)).blocks
 
 
@@ -211,7 +207,7 @@ def read_blocks(
         return buffers
     copied.sort(key=lambda block: block.offset)
     itemsize = dtype.size_in_bytes
-    sizes = [math.prod(block.shape) * itemsize for block in copied]
+    sizes = [element_count(block.shape) * itemsize for block in copied]
     starts = [0]
     for size in sizes[:-1]:
         starts.append(starts[-1] + -(-size // ALIGNMENT) * ALIGNMENT)
@@ -239,7 +235,7 @@ def read_blocks(
 
 def _chunk_bytes(total: int) -> int:
     """Bytes per parallel chunk: about two chunks per worker, 2-16 MiB, on 2 MiB boundaries."""
-    workers = _executor()._max_workers
+    workers = _copy_workers()
     step = min(max(-(-total // (2 * workers)), _MIN_CHUNK), _MAX_CHUNK)
     return -(-step // _MIN_CHUNK) * _MIN_CHUNK
 
@@ -248,10 +244,8 @@ def _run_tasks_for(
     checkpoint: Checkpoint, info: TensorInfo, arena: np.ndarray, start: int, offset: int, size: int
 ) -> list[Callable[[], None]]:
     """Tasks copying ``size`` bytes from ``offset`` into the tensor to ``arena[start:]``: each faults its
-    destination in with one call, then reads into it with `preadv` (no file pages mapped).
-
-    Measured on the 2-core VM with jax loaded: 5% faster than copying from the file map (and releasing
-    its pages), on par with XLA's own copy, at half its peak memory."""
+    destination in with one call, then reads into it with `preadv` (no file pages mapped), so resident
+    memory grows by the destination alone (docs/performance.md compares this with copying from the map)."""
     step = _chunk_bytes(size)
 
     def task(begin: int, end: int) -> Callable[[], None]:
@@ -326,6 +320,43 @@ def _whole_then_slice(
         if key not in buffers:
             buffers[key] = np.ascontiguousarray(whole[tuple(slice(a, b) for a, b in key)])
     return buffers
+
+
+def _narrows_integers(stored: DType, target: DType) -> bool:
+    """True when integers are converted to a type that cannot hold every stored value."""
+    if not (stored.is_integral() and target.is_integral()) or stored is target:
+        return False
+    wide, narrow = np.iinfo(stored.to_numpy()), np.iinfo(target.to_numpy())
+    return bool(wide.min < narrow.min or wide.max > narrow.max)
+
+
+def _narrowed(
+    info: TensorInfo, buffers: dict[BlockKey, np.ndarray], dtype: DType, *, convert: bool
+) -> dict[BlockKey, np.ndarray]:
+    """Checks every value of the blocks fits ``dtype`` (raising `DTypeError` naming the tensor and the
+    first value that does not), and converts them on the host when ``convert``."""
+    limits = np.iinfo(dtype.to_numpy())
+    for block in buffers.values():
+        if block.size == 0:
+            continue
+        low, high = block.min(), block.max()
+        if low < limits.min or high > limits.max:
+            bad = low if low < limits.min else high
+            x64 = (
+                ""
+                if canonical_dtype(info.dtype) is info.dtype
+                else (" JAX holds 64-bit integers only with jax.config.update('jax_enable_x64', True).")
+            )
+            raise DTypeError(
+                f"Tensor {info.name!r} ({info.file}) holds {info.dtype.name} value {int(bad)}, which "
+                f"{dtype.name} cannot represent (range {limits.min}..{limits.max}); converting would "
+                f"change it silently.{x64} Fix: enable x64, or pass a dtype= that holds the values.",
+                file=info.file,
+                tensor=info.name,
+            )
+    if not convert:
+        return buffers
+    return {key: block.astype(dtype.to_numpy()) for key, block in buffers.items()}
 
 
 @cache

@@ -7,36 +7,41 @@ never reads any until `data` or `allocate` is called.
 
 from __future__ import annotations
 
-import bisect
 import difflib
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Mesh, Sharding
 
 from . import _display
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
-from ._keymap import KeyMap
-from ._loader import DEFAULT_BUDGET, Job, load_all
-from ._multihost import catalogue_digest, check_same_checkpoint
+from ._loader import DEFAULT_BUDGET
+from ._names import NameIndex, join
 from ._placement import place, resolve_dtype
-from ._pytree import nest
 from ._quantization import QuantizationEncoding
-from ._restore import restore as restore_tree
-from ._rules import Rules, resolve_shardings
+from ._rules import Rules
 from .errors import (
+    AccessorError,
+    ArgumentError,
     DTypeError,
+    GraphError,
+    IndexOutOfRangeError,
+    NotATensorError,
     QuantizationError,
     ShapeMismatchError,
     WeightNotFoundError,
 )
 from .formats import Checkpoint, PathsLike, TensorInfo, open_checkpoint
+
+if TYPE_CHECKING:
+    from ._keymap import KeyMap
 
 __all__ = ["Weight", "WeightData", "Weights", "load_weights", "restore"]
 
@@ -64,6 +69,8 @@ class WeightData:
         >>> wd.astype(DType.float32) is wd, wd.astype("float16").dtype
         (True, <DType.float16>)
     """
+
+    __module__ = "jaxweights"
 
     data: np.ndarray
     name: str
@@ -155,6 +162,8 @@ class Weight:
         ([1.0, 1.0], 2.0)
     """
 
+    __module__ = "jaxweights"
+
     name: str
     dtype: DType
     shape: tuple[int, ...]
@@ -169,7 +178,7 @@ class Weight:
         """The placed `jax.Array`.
 
         Raises:
-            ValueError: the weight was declared on a `Graph` without data (bind the graph first).
+            GraphError: the weight was declared on a `Graph` without data (bind the graph first).
         """
         return self._value()
 
@@ -185,9 +194,10 @@ class Weight:
 
     def _value(self) -> jax.Array:
         if self.value is None:
-            raise ValueError(
+            raise GraphError(
                 f"Weight {self.name!r} is declared ({self.dtype.name}{list(self.shape)}) but has no data yet; "
-                f"bind its graph to a checkpoint (graph.bind(...)) and use graph.add_weight(weight)."
+                f"bind its graph to a checkpoint (graph.bind(...)) and use graph.add_weight(weight).",
+                tensor=self.name,
             )
         return self.value
 
@@ -271,44 +281,49 @@ class Weight:
 # ---------------------------------------------------------------------------------------------
 
 
-_graph_reuse: Any = None  # set by jaxweights._graph: inside a graph's trace, reuse an already-bound weight
+@dataclass(frozen=True)
+class AllocationRequest:
+    """What `Weights.allocate` was asked for, after its checks, as handed to an `Allocator`.
+
+    Attributes:
+        name: full dotted name.
+        info: the stored tensor, or None when the checkpoint has no tensor of this name.
+        dtype: the dtype the weight gets: the request resolved against the stored type when the tensor
+            exists, else the requested dtype (None if none was given).
+        shape: the requested shape (equal to the stored one when the tensor exists), or None.
+        quantization_encoding: the requested encoding, or None.
+        device: the placement as given (a `DeviceRef`, a `jax.Device` or a `jax.sharding.Sharding`).
+        sharding: ``device`` as a `jax.sharding.Sharding`.
+    """
+
+    name: str
+    info: TensorInfo | None
+    dtype: DType | None
+    shape: tuple[int, ...] | None
+    quantization_encoding: QuantizationEncoding | None
+    device: Placement
+    sharding: Sharding
+
+
+Allocator = Callable[[AllocationRequest, Callable[[], Weight]], Weight]
+"""A hook a higher layer (a `Graph`) hands to a store: it receives the request and ``load``, the default
+read (which raises `WeightNotFoundError` for a name the checkpoint lacks), and returns the `Weight`."""
 
 
 class _Store:
-    """What every accessor of one tree shares: the catalogue, its sorted names, allocated arrays."""
+    """What every accessor of one tree shares: the catalogue, its names in natural order, allocated arrays."""
 
-    def __init__(self, checkpoint: Checkpoint, *, declaring: bool = False) -> None:
+    def __init__(self, checkpoint: Checkpoint, *, allocator: Allocator | None = None) -> None:
         self.checkpoint = checkpoint
-        self.declaring = declaring  # a graph's weights() without a checkpoint: allocate() declares
-        self.names = sorted(checkpoint)
+        self.allocator = allocator  # handed in by a Graph: decides what allocate() returns
+        self.index = NameIndex(checkpoint)
         self.allocated: dict[str, jax.Array] = {}
         self.lock = threading.Lock()
 
-    def under(self, prefix: str) -> tuple[int, int]:
-        """Index range in ``names`` of the tensors strictly under ``prefix`` (whole segments)."""
-        if not prefix:
-            return 0, len(self.names)
-        lead = prefix + "."
-        low = bisect.bisect_left(self.names, lead)
-        high = bisect.bisect_left(self.names, prefix + "/")  # "/" sorts right after "."
-        return low, high
-
-    def children(self, prefix: str) -> list[str]:
-        """The distinct next segments under ``prefix``, in natural order (2 before 10)."""
-        low, high = self.under(prefix)
-        skip = len(prefix) + 1 if prefix else 0
-        seen: dict[str, None] = {}
-        for name in self.names[low:high]:
-            seen.setdefault(name[skip:].split(".", 1)[0], None)
-        return sorted(seen, key=_natural_key)
-
-
-def _natural_key(segment: str) -> tuple[int, int, str]:
-    return (0, int(segment), "") if segment.isdigit() else (1, 0, segment)
-
-
-def _join(prefix: str, segment: str) -> str:
-    return f"{prefix}.{segment}" if prefix else segment
+    def record(self, arrays: Mapping[str, jax.Array]) -> None:
+        """Adds placed arrays to ``allocated_weights`` (what bulk loads hand back up)."""
+        with self.lock:
+            self.allocated.update(arrays)
 
 
 class Weights:
@@ -334,6 +349,8 @@ class Weights:
         ['layers.1.w']
     """
 
+    __module__ = "jaxweights"
+
     __slots__ = ("_prefix", "_store")
 
     def __init__(self, store: _Store, prefix: str = "") -> None:
@@ -347,56 +364,62 @@ class Weights:
         return self._prefix
 
     def __getattr__(self, attr: str) -> Weights:
+        if attr in ("shape", "dtype"):  # the property raised NotATensorError, an AttributeError
+            self._tensor_meta(attr)
         if attr.startswith("_"):
             raise AttributeError(
                 f"{type(self).__name__!r} has no attribute {attr!r} (private and dunder names are "
                 f"never weight names; use weights[{attr!r}] for a tensor named like that)."
             )
-        return Weights(self._store, _join(self._prefix, attr))
+        return Weights(self._store, join(self._prefix, attr))
 
     def __getitem__(self, key: int | np.integer[Any] | str) -> Weights:
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
             index = int(key)
             if index < 0:
-                numeric = [c for c in self._store.children(self._prefix) if c.isdigit()]
+                numeric = [c for c in self._store.index.children(self._prefix) if c.isascii() and c.isdigit()]
                 if -index > len(numeric):
-                    raise IndexError(
+                    raise IndexOutOfRangeError(
                         f"Index {index} is out of range for {self._prefix or 'the root'!r}, which has "
-                        f"{len(numeric)} numbered children."
+                        f"{len(numeric)} numbered children.",
+                        tensor=self._prefix,
                     )
-                return Weights(self._store, _join(self._prefix, numeric[index]))
-            return Weights(self._store, _join(self._prefix, str(index)))
+                return Weights(self._store, join(self._prefix, numeric[index]))
+            return Weights(self._store, join(self._prefix, str(index)))
         if isinstance(key, str):
             if not key or key.startswith(".") or key.endswith("."):
-                raise KeyError(f"{key!r} is not a weight name segment: names are dot-separated, non-empty.")
-            return Weights(self._store, _join(self._prefix, key))
-        raise TypeError(f"Weights are indexed by int or str, not {type(key).__name__}.")
+                raise WeightNotFoundError(
+                    f"{key!r} is not a weight name segment: names are dot-separated, non-empty.",
+                    tensor=self._prefix,
+                )
+            return Weights(self._store, join(self._prefix, key))
+        raise ArgumentError(
+            f"Weights are indexed by int or str, not {type(key).__name__} (for {self._prefix or 'the root'!r})."
+        )
 
     def __dir__(self) -> list[str]:
         public = [n for n in dir(type(self)) if not n.startswith("_")]
-        segments = [c for c in self._store.children(self._prefix) if c.isidentifier()]
+        segments = [c for c in self._store.index.children(self._prefix) if c.isidentifier()]
         return sorted(set(public) | set(segments))
 
     def _ipython_key_completions_(self) -> list[str]:
-        return self._store.children(self._prefix)
+        return self._store.index.children(self._prefix)
 
     def __iter__(self) -> Iterator[Weights]:
         """The accessors one level down, in natural order (``layers[0]``, ``layers[1]``, ...)."""
-        for segment in self._store.children(self._prefix):
-            yield Weights(self._store, _join(self._prefix, segment))
+        for segment in self._store.index.children(self._prefix):
+            yield Weights(self._store, join(self._prefix, segment))
 
     def __len__(self) -> int:
-        return len(self._store.children(self._prefix))
+        return len(self._store.index.children(self._prefix))
 
     def __bool__(self) -> bool:
         return self.exists() or self._count() > 0
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, (int, str)) and not isinstance(key, bool):
-            child = _join(self._prefix, str(key))
-            return (
-                child in self._store.checkpoint or self._store.under(child)[0] != self._store.under(child)[1]
-            )
+            child = join(self._prefix, str(key))
+            return child in self._store.checkpoint or self._store.index.count_under(child) > 0
         return False
 
     def __eq__(self, other: object) -> bool:
@@ -410,6 +433,88 @@ class Weights:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Weights:
         return self
+
+    # -- nothing silent: an accessor names tensors, it holds no data ----------------------------
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        raise self._holds_no_data("Converting to an array (np.asarray, jnp.asarray, ...)")
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        raise self._holds_no_data("A DLPack conversion (torch.as_tensor, np.from_dlpack)")
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        raise self._holds_no_data("A DLPack conversion (torch.as_tensor, np.from_dlpack)")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        head, _, last = self._prefix.rpartition(".")
+        methods = _public_methods()
+        close = difflib.get_close_matches(last, methods, n=1, cutoff=0.6)
+        hint = f" Did you mean .{close[0]}()?" if close else ""
+        where = f"weights.{head}" if head else "weights"
+        raise AccessorError(
+            f"{where}.{last}(...) calls an accessor: {last!r} is not a method of Weights, so "
+            f"{self._prefix!r} was taken as a tensor name.{hint} Methods: {', '.join(methods)}.",
+            tensor=self._prefix,
+        )
+
+    def _holds_no_data(self, what: str) -> AccessorError:
+        return AccessorError(
+            f"{what} was given the accessor {self._prefix or '(root)'!r}, which names tensors but holds "
+            f"no data. Read it with .data() (a host view) or .allocate() (a placed jax.Array; use "
+            f".allocate().array), or a subtree with .to_pytree().",
+            tensor=self._prefix,
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The stored (logical) shape of the tensor with exactly this name, read from the header.
+
+        Raises:
+            NotATensorError: no tensor has this name (also an `AttributeError`); a checkpoint segment
+                named ``shape`` is reached with ``weights["shape"]``.
+        """
+        return self._tensor_meta("shape").shape
+
+    @property
+    def dtype(self) -> DType:
+        """The stored `DType` of the tensor with exactly this name (uint8 blocks for quantized ones).
+
+        Raises:
+            NotATensorError: no tensor has this name (also an `AttributeError`); a checkpoint segment
+                named ``dtype`` is reached with ``weights["dtype"]``.
+        """
+        return self._tensor_meta("dtype").dtype
+
+    def _tensor_meta(self, attribute: str) -> TensorInfo:
+        info = self._store.checkpoint.get(self._prefix)
+        if info is not None:
+            return info
+        found = self._not_found()
+        child = join(self._prefix, attribute)
+        also = (
+            f" A tensor is named {child!r}: reach it with weights[{attribute!r}]."
+            if child in self._store.checkpoint or self._store.index.count_under(child)
+            else ""
+        )
+        raise NotATensorError(
+            f".{attribute} is the metadata of one tensor. {found.message}{also}",
+            file=found.file,
+            tensor=self._prefix,
+        )
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Closes the checkpoint's files (for every accessor of this tree).
+
+        Arrays already allocated stay valid; reading through the tree afterwards raises
+        `CheckpointError`.
+        """
+        self._store.checkpoint.close()
+
+    def __enter__(self) -> Weights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (self._store.checkpoint.sources, self._prefix))
@@ -428,9 +533,8 @@ class Weights:
         store = self._store
         if self.exists():
             yield "", self
-        low, high = store.under(self._prefix)
         skip = len(self._prefix) + 1 if self._prefix else 0
-        for name in store.names[low:high]:
+        for name in store.index.under(self._prefix):
             yield name[skip:], Weights(store, name)
 
     def keys(self) -> list[str]:
@@ -482,120 +586,84 @@ class Weights:
             ShapeMismatchError: ``shape`` differs from the stored shape.
             QuantizationError: ``quantization_encoding`` differs from the stored encoding.
             DTypeError, DeviceError, ShardingError: the dtype, device or sharding cannot be used.
+
+        An accessor from `Graph.weights` hands the checked request to its graph, which declares the
+        weight, or inside a graph function returns the traced argument for it, instead of reading.
         """
-        if self._store.declaring and not self.exists():
-            return self._declare(dtype, shape, quantization_encoding, device)
-        info = self.info
-        if shape is not None:
-            wanted = _as_shape(shape, info)
-            if wanted != info.shape:
+        store = self._store
+        info = self.info if store.allocator is None or self.exists() else None
+        requested = DType.from_any(dtype) if dtype is not None else None
+        encoding = QuantizationEncoding.from_any(quantization_encoding) if quantization_encoding else None
+        wanted: tuple[int, ...] | None = None
+        if info is None and shape is not None:  # for the store's allocator, which checks the entries
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
                 raise ShapeMismatchError(
-                    f"Tensor {info.name!r} in {info.file} has shape {info.shape}, but allocate() was "
-                    f"asked for {wanted}. Pass shape={info.shape} (or omit it) and reshape the array "
-                    f"afterwards if you need another layout.",
+                    f"Weight {self._prefix!r}: shape={shape!r} is not a sequence of dimensions; pass a "
+                    f"tuple of ints.",
+                    tensor=self._prefix,
+                )
+            wanted = tuple(shape)
+        if info is not None:
+            if shape is not None:
+                wanted = _as_shape(shape, info)
+                if wanted != info.shape:
+                    raise ShapeMismatchError(
+                        f"Tensor {info.name!r} in {info.file} has shape {info.shape}, but allocate() was "
+                        f"asked for {wanted}. Pass shape={info.shape} (or omit it) and reshape the array "
+                        f"afterwards if you need another layout.",
+                        file=info.file,
+                        tensor=info.name,
+                    )
+            if encoding is not None and encoding != info.encoding:
+                stored = info.encoding.name if info.encoding else "no quantization"
+                raise QuantizationError(
+                    f"Tensor {info.name!r} in {info.file} has {stored}, but allocate() was asked for "
+                    f"{encoding.name}. jaxweights does not re-quantize; omit quantization_encoding.",
                     file=info.file,
                     tensor=info.name,
                 )
-        encoding = QuantizationEncoding.from_any(quantization_encoding) if quantization_encoding else None
-        if encoding is not None and encoding != info.encoding:
-            stored = info.encoding.name if info.encoding else "no quantization"
-            raise QuantizationError(
-                f"Tensor {info.name!r} in {info.file} has {stored}, but allocate() was asked for "
-                f"{encoding.name}. jaxweights does not re-quantize; omit quantization_encoding.",
-                file=info.file,
-                tensor=info.name,
-            )
-        if info.encoding is not None and dtype is not None and DType.from_any(dtype) is not info.dtype:
-            raise DTypeError(
-                f"Tensor {info.name!r} in {info.file} holds {info.encoding.name} blocks; dtype= cannot "
-                f"convert them. Omit dtype, and dequantize the blocks instead.",
-                file=info.file,
-                tensor=info.name,
-            )
-        target = resolve_dtype(info, DType.from_any(dtype) if dtype is not None else None)
+            if info.encoding is not None and requested is not None and requested is not info.dtype:
+                raise DTypeError(
+                    f"Tensor {info.name!r} in {info.file} holds {info.encoding.name} blocks; dtype= cannot "
+                    f"convert them. Omit dtype, and dequantize the blocks instead.",
+                    file=info.file,
+                    tensor=info.name,
+                )
+            requested = resolve_dtype(info, requested)
         sharding = to_sharding(device)
-        reused = _graph_reuse(info.name, target, sharding) if _graph_reuse is not None else None
-        array = reused if reused is not None else place(self._store.checkpoint, info, target, sharding)
-        with self._store.lock:
-            self._store.allocated[info.name] = array
-        return Weight(
-            name=info.name,
-            dtype=target,
-            shape=tuple(array.shape),
-            device=device if isinstance(device, DeviceRef) else _device_ref(array),
-            sharding=array.sharding,
-            quantization_encoding=info.encoding,
-            original_dtype=info.dtype,
-            value=array,
-        )
 
-    def _declare(
-        self,
-        dtype: DTypeLike | None,
-        shape: Iterable[int] | None,
-        quantization_encoding: QuantizationEncoding | str | None,
-        device: Placement,
-    ) -> Weight:
-        """A weight with no data, for a `Graph` whose checkpoint is bound later."""
-        if dtype is None or shape is None:
-            raise ValueError(
-                f"Weight {self._prefix!r} has no checkpoint behind it, so allocate() declares it and needs "
-                f"both dtype= and shape= (got dtype={dtype!r}, shape={shape!r})."
+        def load() -> Weight:
+            if info is None or requested is None:
+                raise self._not_found()
+            array = place(store.checkpoint, info, requested, sharding)
+            with store.lock:
+                store.allocated[info.name] = array
+            return Weight(
+                name=info.name,
+                dtype=requested,
+                shape=tuple(array.shape),
+                device=device if isinstance(device, DeviceRef) else _device_ref(array),
+                sharding=array.sharding,
+                quantization_encoding=info.encoding,
+                original_dtype=info.dtype,
+                value=array,
             )
-        dims = tuple(shape)
-        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
-            raise ShapeMismatchError(
-                f"Weight {self._prefix!r}: shape {dims} must hold non-negative integers."
-            )
-        target = DType.from_any(dtype)
-        sharding = to_sharding(device)
-        return Weight(
-            name=self._prefix,
-            dtype=target,
-            shape=tuple(int(d) for d in dims),
-            device=device if isinstance(device, DeviceRef) else None,
-            sharding=sharding,
-            quantization_encoding=QuantizationEncoding.from_any(quantization_encoding)
-            if quantization_encoding
-            else None,
-            original_dtype=target,
-            value=None,
-        )
 
-    def _jobs(
-        self,
-        mesh: Mesh | None,
-        rules: Rules | None,
-        device: Placement,
-        dtype: DTypeLike | None,
-        strict: bool,
-        first_match: bool,
-        *,
-        check_processes: bool,
-    ) -> tuple[list[tuple[str, Weights]], list[Job]]:
-        """The tensors under this name and how each is to be placed, every check done, nothing read."""
-        entries = list(self.items())
-        if not entries:
+        if store.allocator is None:
+            return load()
+        request = AllocationRequest(self._prefix, info, requested, wanted, encoding, device, sharding)
+        return store.allocator(request, load)
+
+    def _tensor_infos(self) -> list[TensorInfo]:
+        infos = [accessor.info for _, accessor in self.items()]
+        if not infos:
             raise self._not_found()
-        infos = [accessor.info for _, accessor in entries]
-        if check_processes:  # first: a process that fails a later check must not strand the others
-            check_same_checkpoint(catalogue_digest(infos))
-        default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else to_sharding(device)
-        shardings = resolve_shardings(
-            infos, mesh=mesh, rules=rules, default=default, strict=strict, first_match=first_match
-        )
-        wanted = DType.from_any(dtype) if dtype is not None else None
-        jobs = [
-            Job(
-                info,
-                resolve_dtype(
-                    info, wanted if wanted and info.dtype.is_float() and not info.encoding else None
-                ),
-                shardings[info.name],
-            )
-            for info in infos
-        ]
-        return entries, jobs
+        return infos
+
+    def _relative(self, name: str) -> str:
+        if name == self._prefix:
+            return ""
+        return name[len(self._prefix) + 1 :] if self._prefix else name
 
     def allocate_all(
         self,
@@ -615,12 +683,17 @@ class Weights:
         checkpoint is checked before any byte is read; each process then reads only the blocks its
         devices hold, each distinct block once.
 
+        The dtype rule (the same for `to_pytree`): ``dtype`` converts the floating-point tensors;
+        integer, bool and quantized tensors keep their stored type. Without ``dtype``, 64-bit types
+        follow ``jax_enable_x64``: with it off they become 32-bit, and integers that do not fit raise
+        `DTypeError` instead of wrapping.
+
         Args:
             mesh: the mesh that rules' `PartitionSpec`s refer to. Unmatched tensors are replicated over it.
             rules: ``[(regex, PartitionSpec), ...]`` (or a dict) matched with `re.search` against full
                 names, or a callable ``(name, TensorInfo) -> Sharding | PartitionSpec | None``.
             device: the placement of every tensor when no mesh is given.
-            dtype: converts the floating-point tensors; integer and bool tensors keep their type.
+            dtype: converts the floating-point tensors (see the dtype rule above).
             strict: raise for tensors no rule matches instead of replicating them.
             first_match: when several patterns match a name, the first in table order wins (otherwise
                 patterns that disagree are an error).
@@ -628,8 +701,8 @@ class Weights:
             max_inflight_bytes: bytes being read at once (bounds host staging memory).
 
         Returns:
-            ``{name relative to this accessor: jax.Array}`` in `items` order; every array is also
-            recorded in `allocated_weights` under its full name.
+            ``{name relative to this accessor: jax.Array}`` in `items` order (natural: ``2`` before
+            ``10``); every array is also recorded in `allocated_weights` under its full name.
 
         Raises:
             WeightNotFoundError: nothing lives at or under this name.
@@ -648,13 +721,22 @@ class Weights:
             >>> {name: a.sharding.spec for name, a in arrays.items()}
             {'b': P(), 'w': P('x',)}
         """
-        entries, jobs = self._jobs(mesh, rules, device, dtype, strict, first_match, check_processes=True)
-        arrays = load_all(
-            self._store.checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=progress
+        from ._bulk import load
+
+        arrays = load(
+            self._store.checkpoint,
+            self._tensor_infos(),
+            mesh=mesh,
+            rules=rules,
+            device=device,
+            dtype=dtype,
+            strict=strict,
+            first_match=first_match,
+            record=self._store.record,
+            progress=progress,
+            max_inflight_bytes=max_inflight_bytes,
         )
-        with self._store.lock:
-            self._store.allocated.update(arrays)
-        return {relative: arrays[accessor.name] for relative, accessor in entries}
+        return {self._relative(name): array for name, array in arrays.items()}
 
     def to_pytree(
         self,
@@ -673,8 +755,8 @@ class Weights:
 
         Names relative to this accessor become nested dicts; numbered children that run 0..n-1 become
         lists (``lists=False`` keeps them as dicts with string keys). Placement, sharding rules and
-        ``dtype`` work as in `allocate_all`. With ``shapes_only`` the leaves are `jax.ShapeDtypeStruct`s
-        carrying their shardings, and nothing is read.
+        ``dtype`` work as in `allocate_all` (the same dtype rule). With ``shapes_only`` the leaves are
+        `jax.ShapeDtypeStruct`s carrying their shardings, and nothing is read.
 
         Raises:
             StructureMismatchError: a name is both a tensor and a prefix of others (``a``, ``a.b``).
@@ -691,11 +773,26 @@ class Weights:
             >>> jw.load_weights(path).enc.to_pytree(shapes_only=True)["layer"][0]["w"]
             ShapeDtypeStruct(shape=(2,), dtype=float32, sharding=...)
         """
+        from ._pytree import nest
+
         if shapes_only:
-            entries, jobs = self._jobs(mesh, rules, device, dtype, strict, first_match, check_processes=False)
+            from ._bulk import plan_jobs
+
+            jobs = plan_jobs(
+                self._tensor_infos(),
+                mesh=mesh,
+                rules=rules,
+                device=device,
+                dtype=dtype,
+                strict=strict,
+                first_match=first_match,
+            )
             leaves = [
-                (relative, jax.ShapeDtypeStruct(job.info.shape, job.dtype.to_numpy(), sharding=job.sharding))
-                for (relative, _), job in zip(entries, jobs, strict=True)
+                (
+                    self._relative(job.info.name),
+                    jax.ShapeDtypeStruct(job.info.shape, job.dtype.to_numpy(), sharding=job.sharding),
+                )
+                for job in jobs
             ]
             return nest(leaves, lists=lists)
         arrays = self.allocate_all(
@@ -733,7 +830,8 @@ class Weights:
         Every difference is checked before any tensor is read and reported in one
         `StructureMismatchError`, sorted, with close matches: names the target needs but the checkpoint
         lacks, tensors the checkpoint has but the target does not (under ``strict``), and shape or dtype
-        mismatches (``cast=True`` converts dtypes instead).
+        mismatches (``cast=True`` converts dtypes instead). Tensors are then read by the same bulk
+        planner as `allocate_all`, each as its target leaf's dtype and sharding.
 
         Args:
             target: the tree to fill.
@@ -753,7 +851,9 @@ class Weights:
             >>> jw.load_weights(folder).restore(abstract)["dense"]["kernel"].shape
             (3, 2)
         """
-        result, arrays = restore_tree(
+        from ._restore import restore
+
+        return restore(
             self._store.checkpoint,
             self._prefix,
             target,
@@ -761,12 +861,10 @@ class Weights:
             strict=strict,
             cast=cast,
             device=device,
+            record=self._store.record,
             progress=progress,
             max_inflight_bytes=max_inflight_bytes,
         )
-        with self._store.lock:
-            self._store.allocated.update(arrays)
-        return result
 
     @property
     def allocated_weights(self) -> dict[str, jax.Array]:
@@ -794,8 +892,7 @@ class Weights:
         )
 
     def _count(self) -> int:
-        low, high = self._store.under(self._prefix)
-        return high - low
+        return self._store.index.count_under(self._prefix)
 
     def __repr__(self) -> str:
         count = self._count() + (1 if self.exists() else 0)
@@ -808,8 +905,8 @@ class Weights:
         name = self._prefix
         store = self._store
         files = ", ".join(str(f) for f in store.checkpoint.files[:3])
-        if store.under(name)[0] != store.under(name)[1]:
-            children = ", ".join(store.children(name)[:8])
+        if store.index.count_under(name):
+            children = ", ".join(store.index.children(name)[:8])
             return WeightNotFoundError(
                 f"{name!r} is a prefix, not a tensor (in {files}); it holds: {children}. Index further, "
                 f"or use .items() to list its tensors.",
@@ -819,10 +916,19 @@ class Weights:
         hints = _close_matches(name, store)
         hint = f" Did you mean {' or '.join(repr(h) for h in hints)}?" if hints else ""
         return WeightNotFoundError(
-            f"No tensor named {name!r} in {files} ({len(store.names)} tensors).{hint}",
+            f"No tensor named {name!r} in {files} ({len(store.index)} tensors).{hint}",
             file=store.checkpoint.files[0] if store.checkpoint.files else None,
             tensor=name,
         )
+
+
+@cache
+def _public_methods() -> list[str]:
+    return sorted(
+        name
+        for name, value in vars(Weights).items()
+        if not name.startswith("_") and callable(value) and not isinstance(value, property)
+    )
 
 
 def _close_matches(name: str, store: _Store) -> list[str]:
@@ -830,13 +936,21 @@ def _close_matches(name: str, store: _Store) -> list[str]:
     parts = name.split(".")
     for depth in range(len(parts) - 1, -1, -1):
         prefix = ".".join(parts[:depth])
-        low, high = store.under(prefix)
-        if high > low and high - low <= 5000:
-            return difflib.get_close_matches(name, store.names[low:high], n=3, cutoff=0.6)
+        names = store.index.under(prefix)
+        if names and len(names) <= 5000:
+            return difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     return []
 
 
-def _as_shape(shape: Iterable[Any], info: TensorInfo) -> tuple[int, ...]:
+def _as_shape(shape: Any, info: TensorInfo) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, or a `ShapeMismatchError` naming the tensor."""
+    fix = f"pass shape={info.shape} (a tuple of ints) or omit it"
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+        raise ShapeMismatchError(
+            f"Tensor {info.name!r} in {info.file}: shape={shape!r} is not a sequence of dimensions; {fix}.",
+            file=info.file,
+            tensor=info.name,
+        )
     dims = []
     for dim in shape:
         if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
@@ -844,7 +958,7 @@ def _as_shape(shape: Iterable[Any], info: TensorInfo) -> tuple[int, ...]:
         else:
             raise ShapeMismatchError(
                 f"Tensor {info.name!r} in {info.file}: shape entries must be integers, found {dim!r}. "
-                f"Symbolic dimensions do not apply to stored weights; pass shape={info.shape}.",
+                f"Symbolic dimensions do not apply to stored weights; {fix}.",
                 file=info.file,
                 tensor=info.name,
             )

@@ -20,6 +20,7 @@ __all__ = [
     "DeviceError",
     "DuplicateTensorError",
     "GraphError",
+    "IndexOutOfRangeError",
     "NotATensorError",
     "QuantizationError",
     "ShapeMismatchError",
@@ -114,8 +115,13 @@ class NotATensorError(WeightNotFoundError, AttributeError):
     """
 
 
-class ArgumentError(WeightsError, TypeError):
-    """An argument has the wrong kind (metadata that is not text, a name that is not a string, ...)."""
+class IndexOutOfRangeError(WeightNotFoundError, IndexError):
+    """A negative index counts past the numbered children of an accessor (``layers[-13]`` of 12)."""
+
+
+class ArgumentError(WeightsError, TypeError, ValueError):
+    """An argument has the wrong kind or an unusable value (metadata that is not text, a size such as
+    ``"lots"``); both a `TypeError` and a `ValueError`."""
 
 
 class AccessorError(ArgumentError):

@@ -39,3 +39,22 @@ def test_placements_become_shardings() -> None:
     assert to_sharding(named) is named
     with pytest.raises(DeviceError, match=r"device='cuda' is not a placement"):
         to_sharding("cuda")  # type: ignore[arg-type]
+
+
+def test_cores_come_from_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxweights._devices import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert usable_cores() == 3
+    monkeypatch.delattr("os.sched_getaffinity", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: None)
+    assert usable_cores() == 1
+
+
+def test_is_cpu_only() -> None:
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from jaxweights._devices import is_cpu_only
+
+    assert is_cpu_only(SingleDeviceSharding(jax.devices("cpu")[0]))
