@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["jit_cache_size", "program_constants"]
+__all__ = ["jit_cache_size", "kv_client", "program_constants"]
 
 
 def jit_cache_size(jitted: Any) -> int | None:
@@ -76,3 +76,20 @@ def program_constants(closed_jaxpr: Any) -> list[Any]:
 
     visit(closed_jaxpr)
     return list(found.values())
+
+
+def kv_client() -> Any:
+    """The `jax.distributed` key-value store client of this process, or None (not initialised, or a JAX
+    that no longer keeps it at ``jax._src.distributed.global_state.client``). JAX has no public handle
+    to it; callers fall back to a collective (`multihost_utils.process_allgather`) when this is None.
+
+    Example:
+        >>> kv_client() is None  # a single process that never called jax.distributed.initialize
+        True
+    """
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None

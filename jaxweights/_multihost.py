@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable
-from typing import Any
 
 import jax
 import numpy as np
 
+from ._compat import kv_client
 from .errors import CheckpointError
 from .formats import TensorInfo
 
@@ -32,15 +32,6 @@ def catalogue_digest(infos: Iterable[TensorInfo]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _kv_client() -> Any:
-    try:
-        from jax._src import distributed
-
-        return distributed.global_state.client
-    except (ImportError, AttributeError):  # pragma: no cover - a JAX without the private store
-        return None
-
-
 def check_same_checkpoint(digest: str, *, timeout_s: float = 120.0) -> None:
     """Raises `CheckpointError` unless every process reports the same ``digest``.
 
@@ -52,7 +43,7 @@ def check_same_checkpoint(digest: str, *, timeout_s: float = 120.0) -> None:
         return
     me = jax.process_index()
     round_id = next(_round)
-    client = _kv_client()
+    client = kv_client()
     if client is not None:
         client.key_value_set(f"jaxweights/digest/{round_id}/{me}", digest)
         digests = []
@@ -69,7 +60,7 @@ def check_same_checkpoint(digest: str, *, timeout_s: float = 120.0) -> None:
                     f"(this is process {me}). Every process must call the same bulk loads, in the same "
                     f"order.",
                 ) from error
-    else:  # pragma: no cover - fallback through a collective
+    else:  # a JAX whose key-value store moved: agree through a collective
         from jax.experimental import multihost_utils
 
         raw = np.frombuffer(digest.encode(), dtype=np.uint8)

@@ -40,8 +40,12 @@ def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
 
     import jaxweights as jw
 
-    if scenario == "mismatch" and pid == 1:
+    if scenario.startswith("mismatch") and pid == 1:
         path = path.replace(".safetensors", "-other.safetensors")
+    if scenario == "mismatch_without_kv_store":  # a JAX whose private key-value store moved
+        import jaxweights._multihost
+
+        jaxweights._multihost.kv_client = lambda: None  # type: ignore[attr-defined]
     weights = jw.load_weights(path)
     devices = np.array(jax.devices())
     if scenario == "foreign_mesh":

@@ -69,3 +69,11 @@ def test_program_constants_falls_back_to_the_outer_consts(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "jax.extend.core", None)  # as if the module had moved
     closed = program_with_nested_constants()
     assert [np.shape(c) for c in program_constants(closed)] == [np.shape(c) for c in closed.consts]  # type: ignore[attr-defined]
+
+
+def test_kv_client_is_none_outside_a_job_and_where_jax_moved_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jaxweights._compat import kv_client
+
+    assert kv_client() is None  # this process never called jax.distributed.initialize
+    monkeypatch.setitem(sys.modules, "jax._src.distributed", None)  # the private module is gone
+    assert kv_client() is None

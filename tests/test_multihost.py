@@ -93,8 +93,11 @@ def test_each_process_reads_exactly_its_share(count: int, checkpoint: Path, tmp_
         assert result["bytes_copied"] < result["checkpoint_bytes"]
 
 
-def test_a_process_with_another_checkpoint_gets_an_error_not_a_hang(checkpoint: Path, tmp_path: Path) -> None:
-    for result in run_job(2, checkpoint, "mismatch", tmp_path):
+@pytest.mark.parametrize("scenario", ["mismatch", "mismatch_without_kv_store"])
+def test_a_process_with_another_checkpoint_gets_an_error_not_a_hang(
+    checkpoint: Path, tmp_path: Path, scenario: str
+) -> None:
+    for result in run_job(2, checkpoint, scenario, tmp_path):
         assert result.get("error") == "CheckpointError", result
         assert "loading different checkpoints" in result["message"]
 
