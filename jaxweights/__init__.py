@@ -7,6 +7,7 @@ from ._devices import DeviceKind as DeviceKind
 from ._devices import DeviceRef as DeviceRef
 from ._dtypes import DType as DType
 from ._graph import Graph as Graph
+from ._graph import GraphConstantWarning as GraphConstantWarning
 from ._graph import GraphFunction as GraphFunction
 from ._keymap import TORCH_TO_FLAX as TORCH_TO_FLAX
 from ._keymap import KeyMap as KeyMap

@@ -29,7 +29,7 @@ from ._devices import DeviceRef, Placement, to_sharding
 from ._display import format_bytes
 from ._dtypes import DType, DTypeLike
 from ._placement import resolve_dtype
-from ._weights import AllocationRequest, Weight, Weights, _Store, load_weights
+from ._weights import AllocationRequest, Weight, Weights, _Store, allocating_with, load_weights
 from .errors import GraphError, ShapeMismatchError, StructureMismatchError
 from .formats import Checkpoint, PathsLike, TensorInfo, WeightsFormat
 
@@ -45,6 +45,8 @@ _current: contextvars.ContextVar[tuple[Graph, ...]] = contextvars.ContextVar("ja
 
 class GraphConstantWarning(UserWarning):
     """A graph function's program holds a large constant (see ``Graph(..., constants="warn")``)."""
+
+    __module__ = "jaxweights"
 
 
 class _NewWeightsError(Exception):
@@ -455,7 +457,7 @@ class GraphFunction:
         previous = getattr(local, "weights", None)
         local.weights = weights
         try:
-            with self.graph:
+            with self.graph, allocating_with(self.graph._allocate):
                 return self.fn(*args, **kwargs)
         finally:
             local.weights = previous

@@ -7,6 +7,8 @@ never reads any until `data` or `allocate` is called.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import os
 import threading
@@ -308,6 +310,24 @@ class AllocationRequest:
 Allocator = Callable[[AllocationRequest, Callable[[], Weight]], Weight]
 """A hook a higher layer (a `Graph`) hands to a store: it receives the request and ``load``, the default
 read (which raises `WeightNotFoundError` for a name the checkpoint lacks), and returns the `Weight`."""
+
+
+_ambient: contextvars.ContextVar[Allocator | None] = contextvars.ContextVar(
+    "jaxweights_allocator", default=None
+)
+
+
+@contextlib.contextmanager
+def allocating_with(allocator: Allocator) -> Iterator[None]:
+    """Inside the block, `Weights.allocate` on every accessor whose store has no allocator of its own goes
+    through ``allocator``. A graph function's trace uses it, so that an accessor of the user's own
+    (not ``graph.weights()``) allocating inside the function still gets the traced argument, as MAX adds
+    any weight allocated inside a graph to it."""
+    token = _ambient.set(allocator)
+    try:
+        yield
+    finally:
+        _ambient.reset(token)
 
 
 class _Store:
@@ -636,8 +656,7 @@ class Weights:
             if info is None or requested is None:
                 raise self._not_found()
             array = place(store.checkpoint, info, requested, sharding)
-            with store.lock:
-                store.allocated[info.name] = array
+            store.record({info.name: array})
             return Weight(
                 name=info.name,
                 dtype=requested,
@@ -649,10 +668,11 @@ class Weights:
                 value=array,
             )
 
-        if store.allocator is None:
+        allocator = store.allocator or _ambient.get()
+        if allocator is None:
             return load()
         request = AllocationRequest(self._prefix, info, requested, wanted, encoding, device, sharding)
-        return store.allocator(request, load)
+        return allocator(request, load)
 
     def _tensor_infos(self) -> list[TensorInfo]:
         infos = [accessor.info for _, accessor in self.items()]

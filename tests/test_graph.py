@@ -118,6 +118,30 @@ def test_allocate_inside_a_function_is_the_traced_argument(tmp_path: Path) -> No
     assert forward.cache_size() == 1
 
 
+def test_any_accessor_allocating_inside_a_function_gives_the_traced_argument(tmp_path: Path) -> None:
+    # small weights (under the constant limit) would otherwise be baked in silently
+    first, second = (
+        mlp_checkpoint(tmp_path, "a.safetensors", 8, 0),
+        mlp_checkpoint(tmp_path, "b.safetensors", 8, 1),
+    )
+    own = jw.load_weights(first)  # the user's accessor, not graph.weights()
+    graph = jw.Graph("mlp", weights=own)
+
+    @graph.function
+    def forward(x: jax.Array) -> jax.Array:
+        h = jax.nn.relu(x @ own.fc1.weight.allocate().T + own.fc1.bias.allocate())
+        return h @ own.fc2.weight.allocate().T
+
+    x = np.random.default_rng(3).standard_normal((2, 16), dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(forward(x)), reference(first, x), rtol=1e-5)
+    assert sorted(graph.declared) == ["fc1.bias", "fc1.weight", "fc2.weight"]
+    assert baked_bytes(forward, x) < 1024  # nothing baked in
+    graph.bind(second)
+    np.testing.assert_allclose(np.asarray(forward(x)), reference(second, x), rtol=1e-5)
+    assert forward.cache_size() == 1
+    assert own.fc1.weight.allocate().array.shape == (8, 16)  # outside the function it reads as before
+
+
 @pytest.mark.parametrize("kind", ["jax", "numpy"])
 def test_a_closed_over_array_is_an_error_naming_it(tmp_path: Path, kind: str) -> None:
     graph = jw.Graph("mlp", weights=mlp_checkpoint(tmp_path, "m.safetensors", 32, 0))
