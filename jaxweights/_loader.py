@@ -95,14 +95,15 @@ def load_all(
     budget = _Budget(max(1, max_inflight_bytes))
     failed = threading.Event()
 
-    def run(job: Job) -> jax.Array:
+    def run(job: Job, wait: bool = True) -> jax.Array:
         nbytes = planned_bytes(job.info, job.sharding)
         budget.acquire(nbytes)
         try:
             if failed.is_set():
                 raise _CancelledError
             array = place(checkpoint, job.info, job.dtype, job.sharding, checked=True)
-            array.block_until_ready()
+            if wait:
+                array.block_until_ready()
         except BaseException:
             failed.set()
             raise
@@ -115,9 +116,11 @@ def load_all(
     results: dict[str, jax.Array] = {}
     if workers is None:
         workers = 1 if all(is_cpu_only(job.sharding) for job in jobs) else _accelerator_workers()
-    if workers <= 1:
+    if workers <= 1:  # CPU targets: XLA's own copies overlap one tensor with the next; wait once, at the end
         for job in jobs:
-            results[job.info.name] = run(job)
+            results[job.info.name] = run(job, wait=False)
+        for array in results.values():
+            array.block_until_ready()
         return results
     with ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="jaxweights-load") as pool:
         futures: list[tuple[str, Future[jax.Array]]] = [

@@ -13,9 +13,9 @@ from typing import TypeAlias
 __all__ = ["NameIndex", "is_under", "join", "natural_key", "natural_sorted", "segment_key"]
 
 SegmentKey: TypeAlias = tuple[int, int, str, str]
-NameKey: TypeAlias = tuple[SegmentKey, ...]
 
-_AFTER_ANY_SEGMENT = (2, 0, "", "")  # sorts after every segment key
+_SEPARATOR = "\x00"  # stands for "." in sort keys: sorts before any character a segment holds
+_NUMBER = "\x01"  # leads a number's key: numbers sort before words
 
 
 def segment_key(segment: str) -> SegmentKey:
@@ -26,17 +26,39 @@ def segment_key(segment: str) -> SegmentKey:
 
     Example:
         >>> sorted(["10", "b", "2", "a", "02"], key=segment_key)
-        ['02', '2', '10', 'a', 'b']
+        ['2', '02', '10', 'a', 'b']
     """
     if segment.isascii() and segment.isdigit():
         digits = segment.lstrip("0") or "0"
-        return (0, len(digits), digits, segment)
+        return (0, len(digits), digits, "" if digits == segment else segment)
     return (1, 0, segment, "")
 
 
-def natural_key(name: str) -> NameKey:
-    """Sort key of a dotted name, segment by segment (``layers.2.w`` before ``layers.10.w``)."""
-    return tuple(segment_key(segment) for segment in name.split("."))
+def _number_key(segment: str) -> str:
+    digits = segment.lstrip("0") or "0"
+    key = f"{_NUMBER}{chr(0x20 + len(digits))}{digits}"
+    return key if digits == segment else f"{key}{_NUMBER}{segment}"
+
+
+def natural_key(name: str, segments: dict[str, str] | None = None) -> str:
+    """Sort key of a dotted name: comparing keys compares names segment by segment, numbers by value
+    (``layers.2.w`` before ``layers.10.w``). A string, so that sorting 100,000 names builds no tuples.
+    ``segments`` caches segment keys across calls (checkpoints repeat the same few segments).
+
+    Example:
+        >>> sorted(["layers.10.w", "layers.2.w", "layers.1x"], key=natural_key)
+        ['layers.2.w', 'layers.10.w', 'layers.1x']
+    """
+    cache = {} if segments is None else segments
+    keys = []
+    for segment in name.split("."):
+        key = cache.get(segment)
+        if key is None:
+            key = cache[segment] = (
+                _number_key(segment) if segment.isascii() and segment.isdigit() else segment
+            )
+        keys.append(key)
+    return _SEPARATOR.join(keys)
 
 
 def natural_sorted(names: Iterable[str]) -> list[str]:
@@ -82,31 +104,29 @@ class NameIndex:
     __slots__ = ("_keys", "names")
 
     def __init__(self, names: Iterable[str]) -> None:
-        pairs = sorted((natural_key(name), name) for name in names)
-        self._keys = [key for key, _ in pairs]
-        self.names = [name for _, name in pairs]
+        unsorted = list(names)
+        segments: dict[str, str] = {}
+        keys = [natural_key(name, segments) for name in unsorted]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        self._keys = [keys[i] for i in order]
+        self.names = [unsorted[i] for i in order]
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def _range(self, prefix: str) -> tuple[int, int]:
-        if not prefix:
-            return 0, len(self.names)
-        key = natural_key(prefix)
-        low = bisect.bisect_right(self._keys, key)
-        high = bisect.bisect_left(self._keys, (*key, _AFTER_ANY_SEGMENT), lo=low)
-        return low, high
-
     def under(self, prefix: str) -> list[str]:
         """The names strictly under ``prefix`` (whole segments), in natural order."""
-        low, high = self._range(prefix)
-        found = self.names[low:high]
-        return [name for name in found if name] if not prefix else found
+        if not prefix:
+            return [name for name in self.names if name] if "" in self else list(self.names)
+        key = natural_key(prefix)
+        low = bisect.bisect_left(self._keys, key + _SEPARATOR)
+        high = bisect.bisect_left(self._keys, key + chr(ord(_SEPARATOR) + 1), lo=low)
+        # every name under prefix lies in [low, high); a name holding NUL characters may too
+        return [name for name in self.names[low:high] if is_under(name, prefix)]
 
     def count_under(self, prefix: str) -> int:
         """How many names lie strictly under ``prefix``."""
-        low, high = self._range(prefix)
-        return high - low - (1 if not prefix and "" in self else 0)
+        return len(self.under(prefix))
 
     def children(self, prefix: str) -> list[str]:
         """The distinct next segments under ``prefix``, in natural order (``2`` before ``10``)."""

@@ -1,10 +1,12 @@
 """Bytes to `jax.Array`s: the only module that turns checkpoint bytes into device arrays.
 
 For one CPU device, 64-byte aligned tensors are handed to `jax.device_put` as read-only views of the file
-map, which XLA aliases (zero-copy). Other tensors are read once, by every usable core, with `preadv` into
-64-byte aligned buffers (faulted in ahead of the read) that `device_put` then aliases, so resident memory
-stays near one copy of the data. For a `Sharding`, the array is built with `jax.make_array_from_callback`,
-reading each distinct shard index once and only its bytes. Dtype conversion happens on the host for CPU
+map, which XLA aliases (zero-copy). Unaligned ones are handed over as views too: XLA copies them into its
+own aligned buffers on its own threads, asynchronously, overlapping one tensor's copy with the next
+tensor's work, and a daemon thread releases each view's file pages once its copy is done, so resident
+memory stays near one copy of the data. For a `Sharding`, the array is built with
+`jax.make_array_from_callback`, reading each distinct shard index once and only its bytes: contiguous
+runs with `preadv`, by every usable core, into 64-byte aligned buffers faulted in ahead of the read. Dtype conversion happens on the host for CPU
 targets (one pass, no second device buffer) and on the device otherwise. Integers narrowed to a smaller
 type (int64 with ``jax_enable_x64`` off) are range-checked on the host first: values never wrap silently.
 Measured figures live in docs/performance.md.
@@ -12,7 +14,11 @@ Measured figures live in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import queue
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
@@ -124,8 +130,9 @@ def place(
     """Reads one tensor into a `jax.Array` laid out by ``sharding``, converted to ``dtype``.
 
     Only the blocks this process's devices hold are read, each distinct block once. ``checked`` skips
-    `check_sharding` when the caller already ran it. Called inside a trace (a `Graph` function that
-    allocates), it still returns a concrete array: weights never become traced constants.
+    `check_sharding` when the caller already ran it. Called inside a trace (a plain accessor's
+    `allocate` in a jitted function), it still returns a concrete array; a graph function that closes
+    over one is refused when it lowers (graph functions allocate through their graph instead).
     """
     with jax.ensure_compile_time_eval():
         return _place(checkpoint, info, dtype, sharding, checked=checked)
@@ -142,13 +149,21 @@ def _place(
     indices = sharding.addressable_devices_indices_map(info.shape)
     if info.encoding is not None or info.dtype.is_packed:
         buffers = _whole_then_slice(checkpoint, info, host_dtype, indices)
+    elif len(sharding.device_set) == 1 and on_cpu and _copied_by_xla(info, host_dtype, narrowing):
+        buffers = {}
     else:
         buffers = read_blocks(checkpoint, plan_for(info, sharding), host_dtype, on_cpu)
     if narrowing:
         buffers = _narrowed(info, buffers, dtype, convert=on_cpu)
+    if len(sharding.device_set) == 1 and on_cpu and _copied_by_xla(info, host_dtype, narrowing):
+        view = checkpoint.view(info)
+        array: jax.Array = jax.device_put(view, sharding)  # XLA copies, on its own threads
+        checkpoint.note_copied(info.nbytes)
+        _releaser().submit(checkpoint, info, array)
+        return array
     if len(sharding.device_set) == 1:
         (host,) = buffers.values()
-        array: jax.Array = jax.device_put(host, sharding)
+        array = jax.device_put(host, sharding)
     else:
         # make_array_from_callback batches the per-device transfers (7x faster than device_put lists)
         by_index = {_raw(index): buffers[block_key(index, info.shape)] for index in indices.values()}
@@ -162,6 +177,49 @@ def _place(
         converted: jax.Array = _converter(dtype.value)(array)
         return converted
     return array
+
+
+def _copied_by_xla(info: TensorInfo, host_dtype: DType, narrowing: bool) -> bool:
+    """True for a plain tensor placed on one CPU device in its stored dtype at an offset XLA cannot alias:
+    `jax.device_put` of its view copies it asynchronously on XLA's threads, which overlaps tensors
+    better than a synchronous copy of our own (docs/performance.md)."""
+    return (
+        host_dtype is info.dtype
+        and not narrowing
+        and info.encoding is None
+        and not info.dtype.is_packed
+        and not info.is_aligned()
+    )
+
+
+class _PageReleaser:
+    """Releases the file pages behind views XLA copies, once each copy is done: a daemon thread waits on
+    every array in turn, so the views' pages never all stay resident at once."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Checkpoint, TensorInfo, jax.Array]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="jaxweights-release", daemon=True)
+        self._thread.start()
+
+    def submit(self, checkpoint: Checkpoint, info: TensorInfo, array: jax.Array) -> None:
+        self._queue.put((checkpoint, info, array))
+
+    def _run(self) -> None:
+        while True:
+            checkpoint, info, array = self._queue.get()
+            with contextlib.suppress(Exception):  # a failed copy surfaces where the array is used
+                array.block_until_ready()
+            checkpoint.release(info)
+            del checkpoint, info, array
+
+
+@cache
+def _releaser() -> _PageReleaser:
+    return _PageReleaser()
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has no thread: it starts its own
+    os.register_at_fork(after_in_child=_releaser.cache_clear)
 
 
 def plan_for(info: TensorInfo, sharding: Sharding) -> ReadPlan:

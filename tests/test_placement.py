@@ -59,14 +59,19 @@ def test_aligned_tensors_alias_the_file_map(tmp_path: Path) -> None:
 def test_unaligned_tensors_are_copied_once_into_aligned_buffers(
     write_reference: Callable[..., Path], reads: list[tuple[str, int, int]]
 ) -> None:
-    values = np.random.default_rng(0).standard_normal((3 << 20,), dtype=np.float32)  # 12 MiB: parallel chunks
+    values = np.random.default_rng(0).standard_normal((3 << 20,), dtype=np.float32)  # 12 MiB
     weights = jw.load_weights(unaligned(write_reference, {"w": values}))
-    array = weights.w.allocate().array
+    array = weights.w.allocate().array  # one device: XLA copies the view into its own aligned buffer
+    view = weights.w.data().data
     np.testing.assert_array_equal(np.asarray(array), values)
-    assert array.unsafe_buffer_pointer() % 64 == 0
+    assert array.unsafe_buffer_pointer() % 64 == 0 and array.unsafe_buffer_pointer() != view.ctypes.data
+    assert weights.checkpoint.bytes_copied == values.nbytes and reads == []
+    # on several devices, each block is read by our own parallel preadv copies (12 MiB: several chunks)
+    rows = weights.w.allocate(device=mesh_sharding(PartitionSpec("x"))).array
+    np.testing.assert_array_equal(np.asarray(rows), values)
     assert sum(n for _, _, n in reads) == values.nbytes and len(reads) > 1
     assert sorted(offset for _, offset, _ in reads)[0] == 0
-    assert weights.checkpoint.bytes_copied == values.nbytes
+    assert weights.checkpoint.bytes_copied == 2 * values.nbytes
 
 
 @pytest.mark.parametrize(
@@ -168,3 +173,24 @@ def test_indivisible_and_rank_mismatched_shardings(write_reference: Callable[...
     ):
         weights.w.allocate(device=mesh_sharding(PartitionSpec(None, ("x", "y")), (4, 2), ("x", "y")))
     assert weights.allocated_weights == {}
+
+
+def test_pages_behind_an_xla_copy_are_released_once_it_is_done(
+    write_reference: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    released = threading.Event()
+    original = Checkpoint.release
+
+    def spy(self: Checkpoint, info: jw.TensorInfo, offset: int = 0, length: int | None = None) -> None:
+        original(self, info, offset, length)
+        if info.name == "w" and offset == 0 and length is None:
+            released.set()
+
+    monkeypatch.setattr(Checkpoint, "release", spy)
+    values = np.arange(4096, dtype=np.float32)
+    weights = jw.load_weights(unaligned(write_reference, {"w": values}))
+    array = weights.w.allocate().array
+    assert released.wait(timeout=60)  # by the release thread, after the copy
+    np.testing.assert_array_equal(np.asarray(array), values)

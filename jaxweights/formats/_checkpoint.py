@@ -305,6 +305,10 @@ class Checkpoint(Mapping[str, TensorInfo]):
             self.release(info, first, last - first)
         self._count(source.size * itemsize)
 
+    def note_copied(self, nbytes: int) -> None:
+        """Counts ``nbytes`` copied out of a `view` by another reader (XLA copying an unaligned view)."""
+        self._count(nbytes)
+
     def _count(self, nbytes: int) -> None:
         with self._lock:
             self._bytes_copied += nbytes
