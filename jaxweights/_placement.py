@@ -14,11 +14,11 @@ Measured figures live in docs/performance.md.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
@@ -193,8 +193,12 @@ def _copied_by_xla(info: TensorInfo, host_dtype: DType, narrowing: bool) -> bool
 
 
 class _PageReleaser:
-    """Releases the file pages behind views XLA copies, once each copy is done: a daemon thread waits on
-    every array in turn, so the views' pages never all stay resident at once."""
+    """Releases the file pages behind views XLA copies, once each copy is done, from a daemon thread.
+
+    The thread polls `jax.Array.is_ready` and sleeps between polls instead of blocking in
+    ``block_until_ready``: a daemon thread inside a blocking XLA call when the interpreter exits is
+    unwound through C++ frames, which aborts the process.
+    """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Checkpoint, TensorInfo, jax.Array]] = queue.SimpleQueue()
@@ -207,10 +211,19 @@ class _PageReleaser:
     def _run(self) -> None:
         while True:
             checkpoint, info, array = self._queue.get()
-            with contextlib.suppress(Exception):  # a failed copy surfaces where the array is used
-                array.block_until_ready()
+            pause = 0.0005
+            while not _copied(array):
+                time.sleep(pause)
+                pause = min(2 * pause, 0.01)
             checkpoint.release(info)
             del checkpoint, info, array
+
+
+def _copied(array: jax.Array) -> bool:
+    try:
+        return bool(array.is_ready())
+    except Exception:  # deleted, or its copy failed: nothing left to wait for
+        return True
 
 
 @cache

@@ -194,3 +194,21 @@ def test_pages_behind_an_xla_copy_are_released_once_it_is_done(
     array = weights.w.allocate().array
     assert released.wait(timeout=60)  # by the release thread, after the copy
     np.testing.assert_array_equal(np.asarray(array), values)
+
+
+def test_the_process_exits_cleanly_while_copies_are_in_flight(
+    write_reference: Callable[..., Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    tensors = {f"w{i}": np.full((1 << 20,), i, np.float32) for i in range(24)}  # 96 MiB of XLA copies
+    path = unaligned(write_reference, tensors)
+    script = (
+        "import jaxweights as jw\n"
+        f"w = jw.load_weights({str(path)!r})\n"
+        "arrays = [acc.allocate().array for _, acc in w.items()]\n"  # exit with copies still running
+    )
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
