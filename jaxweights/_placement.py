@@ -14,11 +14,12 @@ Measured figures live in docs/performance.md.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
@@ -195,35 +196,35 @@ def _copied_by_xla(info: TensorInfo, host_dtype: DType, narrowing: bool) -> bool
 class _PageReleaser:
     """Releases the file pages behind views XLA copies, once each copy is done, from a daemon thread.
 
-    The thread polls `jax.Array.is_ready` and sleeps between polls instead of blocking in
-    ``block_until_ready``: a daemon thread inside a blocking XLA call when the interpreter exits is
-    unwound through C++ frames, which aborts the process.
+    The thread waits in ``block_until_ready``. A daemon thread still inside an XLA call when the
+    interpreter finalises is unwound through C++ frames, which aborts the process, so an `atexit` hook
+    stops the thread first (its last waits are for copies about to finish).
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Checkpoint, TensorInfo, jax.Array]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Checkpoint, TensorInfo, jax.Array] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="jaxweights-release", daemon=True)
         self._thread.start()
+        atexit.register(self.stop)
 
     def submit(self, checkpoint: Checkpoint, info: TensorInfo, array: jax.Array) -> None:
         self._queue.put((checkpoint, info, array))
 
+    def stop(self) -> None:
+        """Finishes the pending releases and ends the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=120)
+
     def _run(self) -> None:
         while True:
-            checkpoint, info, array = self._queue.get()
-            pause = 0.0005
-            while not _copied(array):
-                time.sleep(pause)
-                pause = min(2 * pause, 0.01)
+            item = self._queue.get()
+            if item is None:
+                return
+            checkpoint, info, array = item
+            with contextlib.suppress(Exception):  # deleted, or its copy failed: nothing left to wait for
+                array.block_until_ready()
             checkpoint.release(info)
-            del checkpoint, info, array
-
-
-def _copied(array: jax.Array) -> bool:
-    try:
-        return bool(array.is_ready())
-    except Exception:  # deleted, or its copy failed: nothing left to wait for
-        return True
+            del item, checkpoint, info, array
 
 
 @cache
