@@ -1,8 +1,10 @@
 """Load a ~1.3 GB float32 transformer-like checkpoint to CPU: jaxweights against its peers.
 
 Every method runs in a fresh process, methods interleaved round by round, page cache warm. Each process
-allocates every tensor on cpu:0 and blocks until ready. Reported: median wall time, and peak RSS growth
-over the process's baseline (VmHWM after resetting it) as a multiple of the file size.
+allocates every tensor on cpu:0 and blocks until ready. Reported: median wall time, peak RSS growth over
+the process's baseline (VmHWM after resetting it) as a multiple of the file size, and what the process
+holds once loaded: anonymous memory (RssAnon, the arrays) and mapped file pages (RssFile), both as
+multiples of the file size.
 
     python benchmarks/bench_load.py [--runs 5] [--layers 24] [--no-hugepages]
 """
@@ -40,6 +42,7 @@ def rss_kib(field):
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS watermark
 base = rss_kib("VmRSS")
+base_anon, base_file = rss_kib("RssAnon"), rss_kib("RssFile")
 start = time.perf_counter()
 if method == "jaxweights":
     weights = jw.load_weights(path)
@@ -72,7 +75,10 @@ for a in arrays:
     a.block_until_ready()
 elapsed = time.perf_counter() - start
 peak = rss_kib("VmHWM")
-print(json.dumps({"ms": elapsed * 1e3, "peak_growth_mb": (peak - base) / 1024}))
+time.sleep(0.2)  # let background releases of file pages finish
+anon, mapped = rss_kib("RssAnon") - base_anon, rss_kib("RssFile") - base_file
+print(json.dumps({"ms": elapsed * 1e3, "peak_growth_mb": (peak - base) / 1024, "anon_mb": anon / 1024,
+                  "file_mb": mapped / 1024}))
 """
 
 
@@ -157,15 +163,24 @@ def main() -> None:
 
     med = {label: statistics.median(r["ms"] for r in rs) for label, rs in results.items()}
     rss = {label: statistics.median(r["peak_growth_mb"] for r in rs) for label, rs in results.items()}
+    anon = {label: statistics.median(r["anon_mb"] for r in rs) for label, rs in results.items()}
+    mapped = {label: statistics.median(r["file_mb"] for r in rs) for label, rs in results.items()}
     flax, peer = med["safetensors.flax.load_file"], med["mmap + device_put"]
     print(
         f"\nfile: {size_mb:.0f} MB float32, {args.runs} runs, hugepages {'off' if args.no_hugepages else 'default'}"
     )
-    print(f"{'method':42} {'median ms':>10} {'vs flax':>9} {'vs mmap':>9} {'peak RSS / file':>16}")
+    print(
+        f"{'method':42} {'median ms':>10} {'vs flax':>9} {'vs mmap':>9} {'peak RSS / file':>16}"
+        f" {'anon / file':>12} {'mapped / file':>14}"
+    )
     for label, _, path in cases:
         file_mib = path.stat().st_size / 2**20
-        ratio = f"{rss[label] / file_mib:15.2f}x" if file_mib > 100 else f"{'-':>16}"
-        print(f"{label:42} {med[label]:10.1f} {flax / med[label]:8.1f}x {med[label] / peer:8.2f}x {ratio}")
+        big = file_mib > 100
+        ratios = [f"{v[label] / file_mib:.2f}x" if big else "-" for v in (rss, anon, mapped)]
+        print(
+            f"{label:42} {med[label]:10.1f} {flax / med[label]:8.1f}x {med[label] / peer:8.2f}x "
+            f"{ratios[0]:>16} {ratios[1]:>12} {ratios[2]:>14}"
+        )
 
 
 if __name__ == "__main__":
