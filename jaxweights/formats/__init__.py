@@ -16,16 +16,8 @@ from typing import Union
 from .._buffers import ALIGNMENT, aligned_empty
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
 from . import safetensors
-from ._checkpoint import (
-    Checkpoint,
-    FormatPlugin,
-    FormatWriter,
-    TensorInfo,
-    TensorSpec,
-    WeightsFormat,
-    WriteTensor,
-    spec_of,
-)
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
     "ALIGNMENT",

@@ -35,16 +35,8 @@ from ..errors import (
     DuplicateTensorError,
     UnsupportedFormatError,
 )
-from ._checkpoint import (
-    Checkpoint,
-    FormatPlugin,
-    FormatWriter,
-    TensorInfo,
-    TensorSpec,
-    WeightsFormat,
-    WriteTensor,
-    spec_of,
-)
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
     "INDEX_NAME",
