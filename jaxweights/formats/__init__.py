@@ -15,14 +15,15 @@ from typing import Union
 
 from .._buffers import ALIGNMENT, aligned_empty
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
-from . import safetensors
-from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from . import gguf, safetensors
+from ._checkpoint import NATIVE_ORDER, Checkpoint, TensorInfo, WeightsFormat
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
     "ALIGNMENT",
     "FORMATS",
     "HEAD_SIZE",
+    "NATIVE_ORDER",
     "Checkpoint",
     "FormatPlugin",
     "FormatWriter",
@@ -46,20 +47,15 @@ HEAD_SIZE = 16
 """Bytes of each file a plug-in's ``sniff`` sees."""
 
 
-def _is_gguf(head: bytes, path: Path) -> bool:
-    return head[:4] == b"GGUF"
-
-
 def _is_pytorch(head: bytes, path: Path) -> bool:
     """A ``torch.save`` zip archive, or a legacy pickle (protocol 2 to 5)."""
     return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-# Recognised so that they are refused by name; formats/gguf.py and formats/torch.py replace these lines.
-_GGUF = FormatPlugin(WeightsFormat.gguf, "GGUF", (".gguf",), _is_gguf)
+# Recognised so that it is refused by name; formats/torch.py replaces this line.
 _PYTORCH = FormatPlugin(WeightsFormat.pytorch, "PyTorch", (".bin", ".pt", ".pth"), _is_pytorch)
 
-FORMATS: tuple[FormatPlugin, ...] = (safetensors.PLUGIN, _GGUF, _PYTORCH)
+FORMATS: tuple[FormatPlugin, ...] = (safetensors.PLUGIN, gguf.PLUGIN, _PYTORCH)
 """The registry, in order of preference: sniffing asks each plug-in in turn, and a folder holding files of
 several formats (``model.safetensors`` and ``pytorch_model.bin``) is read as the first that finds any."""
 
@@ -68,7 +64,7 @@ def plugin_for(name: WeightsFormat | str) -> FormatPlugin:
     """The registered plug-in of a format.
 
     Example:
-        >>> plugin_for("safetensors").title, plugin_for(WeightsFormat.gguf).open is None
+        >>> plugin_for("safetensors").title, plugin_for(WeightsFormat.pytorch).open is None
         ('safetensors', True)
     """
     for plugin in FORMATS:
@@ -179,7 +175,7 @@ def open_checkpoint(paths: PathsLike) -> Checkpoint:
     """Opens files, folders or an index as one `Checkpoint`, validating every header first.
 
     Raises:
-        UnsupportedFormatError: a file is in no format jaxweights reads (GGUF and PyTorch files are
+        UnsupportedFormatError: a file is in no format jaxweights reads (PyTorch files are
             recognised and refused by name), or the paths mix formats.
 
     Example:

@@ -13,6 +13,7 @@ import contextlib
 import enum
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,7 +27,10 @@ from .._quantization import QuantizationEncoding
 from .._shapes import c_strides, element_count
 from ..errors import ArgumentError, CheckpointError, ShapeMismatchError
 
-__all__ = ["Checkpoint", "TensorInfo", "WeightsFormat"]
+__all__ = ["NATIVE_ORDER", "Checkpoint", "TensorInfo", "WeightsFormat"]
+
+NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
+"""This machine's byte order, as `TensorInfo.byteorder` spells it."""
 
 
 class WeightsFormat(enum.StrEnum):
@@ -56,6 +60,8 @@ class TensorInfo(NamedTuple):
         start: absolute byte offset of the first byte in ``file``.
         end: absolute byte offset one past the last byte.
         encoding: the quantization encoding, or None for plain tensors.
+        byteorder: ``"<"`` (little-endian: every safetensors file) or ``">"`` (the plain tensors of a
+            big-endian GGUF file); readers hand out native-order values either way.
     """
 
     if not TYPE_CHECKING:  # type: ignore[misc]  # mypy reads every NamedTuple statement as a field
@@ -68,6 +74,21 @@ class TensorInfo(NamedTuple):
     start: int
     end: int
     encoding: QuantizationEncoding | None = None
+    byteorder: str = "<"
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the stored bytes: the logical shape, except that a quantized tensor's last
+        dimension counts bytes (its blocks times the block size), MAX's "byte shape"."""
+        if self.encoding is None or not self.shape:
+            return self.shape
+        *lead, last = self.shape
+        return (*lead, last // self.encoding.elements_per_block * self.encoding.block_size)
+
+    @property
+    def swapped(self) -> bool:
+        """True when the stored elements are in the other byte order than this machine's."""
+        return self.byteorder != NATIVE_ORDER and self.dtype.size_in_bytes > 1 and self.encoding is None
 
     @property
     def nbytes(self) -> int:
@@ -80,8 +101,13 @@ class TensorInfo(NamedTuple):
         return element_count(self.shape)
 
     def is_aligned(self, alignment: int = ALIGNMENT) -> bool:
-        """True when the bytes start on an ``alignment`` boundary and map one-to-one to elements."""
-        return self.start % alignment == 0 and self.encoding is None and not self.dtype.is_packed
+        """True when the bytes start on an ``alignment`` boundary and map one-to-one to native elements."""
+        return (
+            self.start % alignment == 0
+            and self.encoding is None
+            and not self.dtype.is_packed
+            and not self.swapped
+        )
 
 
 class _OpenFile:
@@ -141,7 +167,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self.format = format
         self._tensors = tensors
         self.files = tuple(files)
-        self.metadata: Mapping[str, Any] = dict(metadata or {})
+        self.metadata: Mapping[str, Any] = {} if metadata is None else metadata  # may be lazy (GGUF)
         self.file_metadata: Mapping[Path, Mapping[str, Any]] = dict(file_metadata or {})
         self.sources = sources or self.files
         self._sizes = dict(file_sizes or {})  # as validated: a file that changes since is refused
@@ -224,14 +250,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def view(self, info: TensorInfo) -> np.ndarray:
         """The tensor as a read-only numpy array of its logical shape.
 
-        Zero-copy over the file map, except for packed types (float4), which are unpacked into a copy.
-        Quantized tensors come back as their raw uint8 blocks.
+        Zero-copy over the file map, except for packed types (float4), which are unpacked into a copy,
+        and elements stored in the other byte order (big-endian GGUF files), which are swapped into a
+        copy. Quantized tensors come back as their raw uint8 blocks in their byte shape
+        (`TensorInfo.stored_shape`).
         """
         raw = self.raw_view(info)
         if info.encoding is not None:
-            return raw
-        if info.dtype.is_packed:
+            out = raw.reshape(info.stored_shape)
+        elif info.dtype.is_packed:
             out = unpack_nibbles(raw, info.dtype, info.shape)
+        elif info.swapped:
+            out = raw.view(info.dtype.to_numpy()).reshape(info.shape).byteswap()
         else:
             out = raw.view(info.dtype.to_numpy()).reshape(info.shape)
         out.flags.writeable = False
@@ -313,7 +343,7 @@ class Checkpoint(Mapping[str, TensorInfo]):
     def read(self, info: TensorInfo) -> np.ndarray:
         """A fresh, 64-byte aligned, writeable copy of the tensor in its logical shape."""
         if info.encoding is not None:
-            out = aligned_empty((info.nbytes,), np.dtype(np.uint8))
+            out = aligned_empty(info.stored_shape, np.dtype(np.uint8))
             self.copy_into(info, out)
             return out
         if info.dtype.is_packed:
@@ -322,4 +352,6 @@ class Checkpoint(Mapping[str, TensorInfo]):
             return unpack_nibbles(packed, info.dtype, info.shape)
         out = aligned_empty(info.shape, info.dtype.to_numpy())
         self.copy_into(info, out)
+        if info.swapped:
+            out.byteswap(inplace=True)
         return out
