@@ -3,16 +3,19 @@
 from importlib import metadata as _metadata
 
 from . import errors as errors
+from ._dequant import dequantize as dequantize
 from ._devices import DeviceKind as DeviceKind
 from ._devices import DeviceRef as DeviceRef
 from ._dtypes import DType as DType
 from ._graph import Graph as Graph
 from ._graph import GraphConstantWarning as GraphConstantWarning
 from ._graph import GraphFunction as GraphFunction
+from ._keymap import GGUF_TO_HF as GGUF_TO_HF
 from ._keymap import TORCH_TO_FLAX as TORCH_TO_FLAX
 from ._keymap import KeyMap as KeyMap
 from ._keymap import TorchKernel as TorchKernel
 from ._keymap import Transpose as Transpose
+from ._keymap import UnpermuteHeads as UnpermuteHeads
 from ._quantization import BlockParameters as BlockParameters
 from ._quantization import QuantizationEncoding as QuantizationEncoding
 from ._save import save as save

@@ -41,9 +41,11 @@ def dtype_for(info: TensorInfo, requested: DTypeRequest) -> DType:
     - ``None``: the stored dtype, as JAX holds it (64-bit types become 32-bit when ``jax_enable_x64`` is
       off; integers are range-checked when they are read, never silently wrapped).
     - one dtype for a subtree (``allocate_all(dtype=...)``, ``to_pytree(dtype=...)``): converts the
-      floating-point tensors only; integer, bool and quantized tensors keep their stored type. Asking
-      for a 64-bit type with x64 off is a `DTypeError`.
-    - a dtype per name (a restore target's leaves): used as given, as JAX can hold it.
+      floating-point tensors only; integer and bool tensors keep their stored type. Quantized tensors
+      count as floating-point: a float dtype dequantizes them on the device; without one they stay
+      uint8 blocks. Asking for a 64-bit type with x64 off is a `DTypeError`.
+    - a dtype per name (a restore target's leaves): used as given, as JAX can hold it (a float dtype
+      dequantizes a quantized tensor).
 
     Example:
         >>> from pathlib import Path
@@ -56,9 +58,14 @@ def dtype_for(info: TensorInfo, requested: DTypeRequest) -> DType:
     if isinstance(requested, Mapping):
         wanted = requested.get(info.name)
         return canonical_dtype(DType.from_any(wanted)) if wanted is not None else canonical_dtype(info.dtype)
-    if requested is None or info.encoding is not None or not info.dtype.is_float():
+    if requested is None:
         return canonical_dtype(info.dtype)
-    return resolve_dtype(info, DType.from_any(requested))
+    wanted = DType.from_any(requested)
+    if info.encoding is not None:
+        return resolve_dtype(info, wanted) if wanted.is_float() else canonical_dtype(info.dtype)
+    if not info.dtype.is_float():
+        return canonical_dtype(info.dtype)
+    return resolve_dtype(info, wanted)
 
 
 def plan_jobs(

@@ -20,7 +20,7 @@ from jax.sharding import Sharding
 
 from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
-from ._placement import place, plan_for
+from ._placement import blocks_of, place, plan_for
 from ._progress import Progress
 from .formats import Checkpoint, TensorInfo
 
@@ -50,7 +50,9 @@ class Job:
 
 def planned_bytes(info: TensorInfo, sharding: Sharding) -> int:
     """Bytes this process will read for ``info`` under ``sharding`` (zero-copy views included)."""
-    if info.encoding is not None or info.dtype.is_packed:
+    if info.encoding is not None:
+        return plan_for(blocks_of(info), sharding).nbytes
+    if info.dtype.is_packed:
         return info.nbytes
     return plan_for(info, sharding).nbytes
 

@@ -34,11 +34,20 @@ from ._buffers import ALIGNMENT, HUGE_PAGE, aligned_empty, populate
 from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
 from ._plan import BlockKey, BlockRead, ReadPlan, block_key, plan_reads
+from ._quantization import QuantizationEncoding
 from ._shapes import element_count
 from .errors import DTypeError, ShardingError
-from .formats import Checkpoint, TensorInfo
+from .formats import NATIVE_ORDER, Checkpoint, TensorInfo
 
-__all__ = ["canonical_dtype", "check_sharding", "place", "plan_for", "read_blocks", "resolve_dtype"]
+__all__ = [
+    "blocks_of",
+    "canonical_dtype",
+    "check_sharding",
+    "place",
+    "plan_for",
+    "read_blocks",
+    "resolve_dtype",
+]
 
 _MIN_CHUNK = HUGE_PAGE  # parallel copies split on 2 MiB boundaries
 _MAX_CHUNK = 8 * HUGE_PAGE
@@ -118,11 +127,20 @@ def check_sharding(info: TensorInfo, sharding: Sharding) -> None:
                     tensor=info.name,
                 )
     try:
-        sharding.shard_shape(info.shape)
+        shard = sharding.shard_shape(info.shape)
     except (ValueError, TypeError, IndexError) as error:
         raise ShardingError(
             f"{where} cannot be laid out with {sharding}: {error}.", file=info.file, tensor=info.name
         ) from error
+    if info.encoding is not None and shard and shard[-1] % info.encoding.elements_per_block:
+        per_block = info.encoding.elements_per_block
+        raise ShardingError(
+            f"{where} holds {info.encoding.name} blocks of {per_block} values along its last dimension; "
+            f"{sharding} would give each device {shard[-1]} of them, splitting a block. Shard the rows "
+            f"instead, or so that each device's part is a multiple of {per_block}.",
+            file=info.file,
+            tensor=info.name,
+        )
 
 
 def place(
@@ -144,25 +162,30 @@ def _place(
 ) -> jax.Array:
     if not checked:
         check_sharding(info, sharding)
+    if info.encoding is not None:
+        return _place_quantized(checkpoint, info, dtype, sharding)
     on_cpu = is_cpu_only(sharding)
     narrowing = _narrows_integers(info.dtype, dtype)
-    host_dtype = dtype if on_cpu and not narrowing else info.dtype
+    single = len(sharding.device_set) == 1
+    if single and on_cpu and dtype is info.dtype and _copied_by_xla(info):
+        array: jax.Array = jax.device_put(checkpoint.view(info), sharding)  # XLA copies, on its threads
+        checkpoint.note_copied(info.nbytes)
+        _releaser().submit(checkpoint, info, array)
+        return array
+    # convert on the host for CPU targets, unless values must be checked or swapped first
+    host_dtype = dtype if on_cpu and not narrowing and not info.swapped else info.dtype
     indices = sharding.addressable_devices_indices_map(info.shape)
-    if info.encoding is not None or info.dtype.is_packed:
+    if info.dtype.is_packed:
         buffers = _whole_then_slice(checkpoint, info, host_dtype, indices)
-    elif len(sharding.device_set) == 1 and on_cpu and _copied_by_xla(info, host_dtype, narrowing):
-        buffers = {}
+    elif info.swapped:  # big-endian elements: read the bytes as they are, then swap them
+        native = info._replace(byteorder=NATIVE_ORDER)
+        raw = read_blocks(checkpoint, plan_for(native, sharding), host_dtype, on_cpu)
+        buffers = {key: block.byteswap() for key, block in raw.items()}
     else:
         buffers = read_blocks(checkpoint, plan_for(info, sharding), host_dtype, on_cpu)
     if narrowing:
         buffers = _narrowed(info, buffers, dtype, convert=on_cpu)
-    if len(sharding.device_set) == 1 and on_cpu and _copied_by_xla(info, host_dtype, narrowing):
-        view = checkpoint.view(info)
-        array: jax.Array = jax.device_put(view, sharding)  # XLA copies, on its own threads
-        checkpoint.note_copied(info.nbytes)
-        _releaser().submit(checkpoint, info, array)
-        return array
-    if len(sharding.device_set) == 1:
+    if single:
         (host,) = buffers.values()
         array = jax.device_put(host, sharding)
     else:
@@ -180,17 +203,51 @@ def _place(
     return array
 
 
-def _copied_by_xla(info: TensorInfo, host_dtype: DType, narrowing: bool) -> bool:
+def blocks_of(info: TensorInfo) -> TensorInfo:
+    """A quantized tensor's raw blocks as a plain uint8 tensor of its byte shape (`stored_shape`): what is
+    read and placed, row blocks and all, before any dequantization."""
+    return info._replace(dtype=DType.uint8, shape=info.stored_shape, encoding=None)
+
+
+def _place_quantized(checkpoint: Checkpoint, info: TensorInfo, dtype: DType, sharding: Sharding) -> jax.Array:
+    """Places the blocks (each device reads only its rows), then, for a float ``dtype``, dequantizes them
+    on the device with the same sharding (MAX stops at the blocks)."""
+    assert info.encoding is not None
+    if dtype is not DType.uint8 and dtype not in _DEQUANTIZED:
+        raise DTypeError(
+            f"Tensor {info.name!r} ({info.file}) holds {info.encoding.name} blocks: allocate them as uint8 "
+            f"blocks (no dtype) or dequantized as {', '.join(d.name for d in _DEQUANTIZED)}, not "
+            f"{dtype.name}.",
+            file=info.file,
+            tensor=info.name,
+        )
+    blocks = _place(checkpoint, blocks_of(info), DType.uint8, sharding, checked=True)
+    if dtype is DType.uint8:
+        return blocks
+    expand: jax.Array = _dequantizer(info.encoding, info.shape, dtype, sharding)(blocks)
+    return expand
+
+
+_DEQUANTIZED = (DType.float32, DType.bfloat16, DType.float16)
+
+
+@lru_cache(maxsize=256)
+def _dequantizer(
+    encoding: QuantizationEncoding, shape: tuple[int, ...], dtype: DType, sharding: Sharding
+) -> Callable[[jax.Array], jax.Array]:
+    from ._dequant import dequantize
+
+    def expand(blocks: jax.Array) -> jax.Array:
+        return dequantize(blocks, encoding, shape, dtype)
+
+    return jax.jit(expand, out_shardings=sharding)
+
+
+def _copied_by_xla(info: TensorInfo) -> bool:
     """True for a plain tensor placed on one CPU device in its stored dtype at an offset XLA cannot alias:
     `jax.device_put` of its view copies it asynchronously on XLA's threads, which overlaps tensors
     better than a synchronous copy of our own (docs/performance.md)."""
-    return (
-        host_dtype is info.dtype
-        and not narrowing
-        and info.encoding is None
-        and not info.dtype.is_packed
-        and not info.is_aligned()
-    )
+    return info.encoding is None and not info.dtype.is_packed and not info.swapped and not info.is_aligned()
 
 
 class _PageReleaser:
@@ -382,9 +439,9 @@ def _run_parallel(tasks: list[Callable[[], None]]) -> None:
 def _whole_then_slice(
     checkpoint: Checkpoint, info: TensorInfo, dtype: DType, indices: Mapping[Any, tuple[slice, ...] | None]
 ) -> dict[BlockKey, np.ndarray]:
-    """Packed (float4) and quantized tensors are not byte-addressable per element: read whole, slice."""
+    """Packed (float4) tensors are not byte-addressable per element: read whole, slice."""
     whole = checkpoint.read(info)
-    if dtype is not info.dtype and info.encoding is None:
+    if dtype is not info.dtype:
         whole = whole.astype(dtype.to_numpy())
     buffers: dict[BlockKey, np.ndarray] = {}
     for index in indices.values():

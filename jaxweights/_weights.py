@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cache
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -595,8 +596,10 @@ class Weights:
         Args:
             dtype: the element type to produce; a different one from the stored type converts (on the
                 host for CPU, on the device otherwise). None keeps the stored type (64-bit types follow
-                ``jax_enable_x64``).
-            shape: the shape the caller expects; it must equal the stored shape.
+                ``jax_enable_x64``). A quantized (GGUF) tensor gives its uint8 blocks in their byte shape
+                without ``dtype``, as MAX does; with float32, bfloat16 or float16 its blocks are placed
+                and dequantized on the device (beyond MAX).
+            shape: the shape the caller expects; it must equal the stored (logical) shape.
             quantization_encoding: the encoding the caller expects; it must match the stored one.
             device: a `DeviceRef`, a `jax.Device` or any `jax.sharding.Sharding`. With a sharding, each
                 device's block is read on its own, never the whole tensor.
@@ -642,10 +645,11 @@ class Weights:
                     file=info.file,
                     tensor=info.name,
                 )
-            if info.encoding is not None and requested is not None and requested is not info.dtype:
+            if info.encoding is not None and requested not in (None, info.dtype, *_DEQUANTIZED):
                 raise DTypeError(
-                    f"Tensor {info.name!r} in {info.file} holds {info.encoding.name} blocks; dtype= cannot "
-                    f"convert them. Omit dtype, and dequantize the blocks instead.",
+                    f"Tensor {info.name!r} in {info.file} holds {info.encoding.name} blocks: allocate them "
+                    f"as blocks (omit dtype) or dequantized, with dtype= one of "
+                    f"{', '.join(d.name for d in _DEQUANTIZED)}; found {requested.name}.",
                     file=info.file,
                     tensor=info.name,
                 )
@@ -898,9 +902,11 @@ class Weights:
         return self._store.checkpoint
 
     @property
-    def metadata(self) -> dict[str, Any]:
-        """The checkpoint's metadata (safetensors ``__metadata__``, merged over files and index)."""
-        return dict(self._store.checkpoint.metadata)
+    def metadata(self) -> Mapping[str, Any]:
+        """The checkpoint's metadata, read-only: safetensors ``__metadata__`` (merged over files and
+        index), or GGUF key-values, whose arrays (a vocabulary) are decoded only when read."""
+        metadata = self._store.checkpoint.metadata
+        return MappingProxyType(metadata) if isinstance(metadata, dict) else metadata
 
     def summary(self, *, collapse: bool = True, max_lines: int | None = None) -> str:
         """A text tree of the tensors under this name with dtypes, shapes and sizes.
@@ -940,6 +946,9 @@ class Weights:
             file=store.checkpoint.files[0] if store.checkpoint.files else None,
             tensor=name,
         )
+
+
+_DEQUANTIZED = (DType.float32, DType.bfloat16, DType.float16)
 
 
 @cache
