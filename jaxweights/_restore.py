@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +23,12 @@ from ._bulk import Record
 from ._bulk import load as bulk_load
 from ._devices import Placement, to_sharding
 from ._dtypes import DType
-from ._keymap import KeyMap, Transform, Transpose, transformed_shape
+from ._keymap import KeyMap, Transform, Transpose, bind_transform, transformed_shape
 from ._loader import DEFAULT_BUDGET
 from ._names import is_under
 from ._placement import canonical_dtype
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, Leaf, flatten_target, is_array_like, split_module
-from .errors import StructureMismatchError
+from .errors import StructureMismatchError, WeightsError
 from .formats import Checkpoint, TensorInfo
 
 __all__ = ["restore"]
@@ -151,7 +152,9 @@ def _match(
                 match.missing.append((shown, name))
                 continue
             claimed.add(name)
-            problem, tensor = _pair(position, leaf, info, keymap, cast=cast, default=default)
+            problem, tensor = _pair(
+                position, leaf, info, keymap, checkpoint.metadata, cast=cast, default=default
+            )
             if problem:
                 match.mismatched.append(problem)
             elif tensor is not None:
@@ -171,13 +174,33 @@ def _match(
 
 
 def _pair(
-    position: int, leaf: Leaf, info: TensorInfo, keymap: KeyMap, *, cast: bool, default: Sharding
+    position: int,
+    leaf: Leaf,
+    info: TensorInfo,
+    keymap: KeyMap,
+    metadata: Mapping[str, Any],
+    *,
+    cast: bool,
+    default: Sharding,
 ) -> tuple[str | None, _Tensor | None]:
-    """A leaf and its tensor: the mismatch to report, or how to load it."""
-    transform = keymap.transform_for(leaf.name)
-    stored = info.dtype.to_numpy()
-    shape, dtype = transformed_shape(transform, info.shape, stored) if transform else (info.shape, stored)
+    """A leaf and its tensor: the mismatch to report, or how to load it.
+
+    A quantized tensor is matched by its logical shape and counts as the target's float dtype: placing it
+    with that dtype dequantizes it."""
     want_shape, want_dtype = tuple(np.shape(leaf.value)), DType.from_any(np.dtype(leaf.value.dtype))
+    if info.encoding is not None and not want_dtype.is_float():
+        return (
+            f"{leaf.name}: target dtype {want_dtype.name}, checkpoint {info.name!r} is "
+            f"{info.encoding.name}-quantized and dequantizes to floats only (use a float target)"
+        ), None
+    stored = want_dtype.to_numpy() if info.encoding is not None else info.dtype.to_numpy()
+    transform = keymap.transform_for(leaf.name)
+    try:
+        if transform is not None:
+            transform = bind_transform(transform, metadata)
+        shape, dtype = transformed_shape(transform, info.shape, stored) if transform else (info.shape, stored)
+    except WeightsError as error:  # a transform that cannot apply to this tensor
+        return f"{leaf.name}: {error}", None
     if shape != want_shape:
         after = " after its transform" if transform else ""
         return f"{leaf.name}: target shape {want_shape}, checkpoint {info.name!r} has {shape}{after}", None

@@ -1,5 +1,8 @@
 """The command line: ``jaxweights inspect PATH...``, ``jaxweights convert SRC DST``, ``jaxweights demo``.
 
+``convert`` writes one tensor at a time (quantized GGUF tensors dequantized on the CPU in row chunks with
+``--dequantize``), so its memory stays bounded whatever the checkpoint's size.
+
 Never shows a traceback for a user's mistake: a jaxweights error or an unreadable path prints one message
 naming the file and the fix and exits with status 2 (as argparse does for a usage error); Ctrl-C exits
 with 130; a reader that stops early (``jaxweights demo | head -1``) ends it quietly. Programming errors
@@ -10,18 +13,25 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from . import __version__
 from ._display import format_bytes
+from ._dtypes import DType
+from ._quantization import QuantizationEncoding
 from ._weights import load_weights
-from .errors import WeightsError
-from .formats import open_checkpoint
-from .formats.safetensors import save_file
+from .errors import ArgumentError, QuantizationError, WeightsError
+from .formats import Checkpoint, TensorInfo, TensorSpec, open_checkpoint
+from .formats.safetensors import save_file, write_array, write_file
 
 __all__ = ["default_checkpoint", "main"]
 
@@ -69,8 +79,42 @@ def _generated_checkpoint() -> Path:
 def _inspect(paths: Sequence[str], full: bool) -> None:
     weights = load_weights(list(paths))
     print(weights.summary(collapse=not full))
-    if weights.metadata:
-        print(f"metadata: {weights.metadata}")
+    lines = _metadata_lines(weights.metadata)
+    if lines:
+        print(f"metadata ({len(lines)} keys):")
+        print("\n".join(lines))
+
+
+def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
+    """One line per key, sorted: scalars and strings as they are, arrays as ``[type x count]``."""
+    keys = sorted(metadata)
+    width = min(max((len(key) for key in keys), default=0), 48)
+    return [f"  {key:<{width}}  {_metadata_text(metadata, key)}" for key in keys]
+
+
+def _metadata_text(metadata: Mapping[str, Any], key: str) -> str:
+    array = _array_info(metadata, key)
+    if array is not None:
+        return f"[{array[0]} x {array[1]}]"
+    value = metadata[key]
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+
+
+def _array_info(metadata: Mapping[str, Any], key: str) -> tuple[str, int] | None:
+    """``(item type, count)`` of an array value, or None for a scalar or a string. A lazy GGUF mapping
+    answers without decoding the array (``array_info``); other values are looked at."""
+    lazy = getattr(metadata, "array_info", None)
+    if callable(lazy):
+        found = lazy(key)
+        return None if found is None else (str(found[0]), int(found[1]))
+    value = metadata[key]
+    if isinstance(value, np.ndarray):
+        return ("bool" if value.dtype == np.bool_ else str(value.dtype), value.size)
+    if isinstance(value, (list, tuple)):
+        kinds = {"string" if isinstance(item, str) else "array" for item in value}
+        return (kinds.pop() if len(kinds) == 1 else "mixed" if kinds else "empty", len(value))
+    return None
 
 
 def _demo() -> None:
@@ -85,12 +129,111 @@ def _demo() -> None:
     print(f"checkpoint data: {format_bytes(total)} in {len(weights.checkpoint.files)} file(s)")
 
 
-def _convert(source: Sequence[str], target: str) -> None:
+_CHUNK_BYTES = 64 << 20
+"""At most this many bytes of converted output are held at once while converting one tensor."""
+
+
+def _convert(source: Sequence[str], target: str, dtype: str | None, dequantize: bool) -> None:
+    wanted = _float_dtype(dtype) if dtype is not None else None
     with open_checkpoint(list(source)) as checkpoint:
-        arrays = {name: checkpoint.view(info) for name, info in checkpoint.items()}
-        metadata = {k: v for k, v in checkpoint.metadata.items() if isinstance(v, str)}
-        out = save_file(arrays, target, metadata=metadata or None)
-    print(f"wrote {out} ({len(arrays)} tensors, 64-byte aligned)")
+        quantized = [info for info in checkpoint.values() if info.encoding is not None]
+        if quantized and not dequantize:
+            raise QuantizationError(_quantized_refusal(checkpoint, quantized))
+        specs = [_output_spec(info, wanted) for info in checkpoint.values()]
+        infos = dict(checkpoint.items())
+
+        def write(spec: TensorSpec, out: BinaryIO) -> None:
+            _write_tensor(checkpoint, infos[spec.name], spec.dtype, out)
+
+        out = write_file(target, specs, write, _string_metadata(checkpoint.metadata) or None)
+    done = f", {len(quantized)} dequantized to {(wanted or DType.float32).name}" if quantized else ""
+    print(f"wrote {out} ({len(specs)} tensors{done}, 64-byte aligned)")
+
+
+def _float_dtype(name: str) -> DType:
+    dtype = DType.from_any(name)
+    if not dtype.is_float() or dtype.is_packed:
+        raise ArgumentError(
+            f"--dtype {name}: converted tensors need a float type, such as bfloat16 or float32."
+        )
+    return dtype
+
+
+def _quantized_refusal(checkpoint: Checkpoint, quantized: list[TensorInfo]) -> str:
+    kinds = Counter(info.encoding.name for info in quantized if info.encoding is not None)
+    listing = ", ".join(f"{name} x{count}" for name, count in kinds.most_common())
+    return (
+        f"{checkpoint.files[0]} holds {len(quantized)} quantized tensor(s) ({listing}; the first is "
+        f"{quantized[0].name!r}), and safetensors stores plain arrays only. Pass --dequantize to write them "
+        f"as floats (float32, or --dtype bfloat16 for half the size)."
+    )
+
+
+def _output_spec(info: TensorInfo, wanted: DType | None) -> TensorSpec:
+    if info.encoding is not None:
+        return TensorSpec(info.name, wanted or DType.float32, info.shape)
+    if wanted is not None and info.dtype.is_float():
+        return TensorSpec(info.name, wanted, info.shape)
+    return TensorSpec(info.name, info.dtype, info.shape)
+
+
+def _write_tensor(checkpoint: Checkpoint, info: TensorInfo, dtype: DType, out: BinaryIO) -> None:
+    """Writes one tensor as ``dtype``, converting (or dequantizing) a chunk of rows at a time."""
+    if info.encoding is None and dtype is info.dtype:
+        write_array(out, checkpoint.view(info))
+    else:
+        for chunk in _converted_chunks(checkpoint, info, dtype):
+            write_array(out, chunk)
+    checkpoint.release(info)
+
+
+def _converted_chunks(checkpoint: Checkpoint, info: TensorInfo, dtype: DType) -> Iterator[np.ndarray]:
+    """The tensor as ``dtype``, in chunks of whole rows holding at most `_CHUNK_BYTES` each."""
+    stored = checkpoint.view(info)
+    if len(info.shape) <= 1:
+        pieces: Iterator[tuple[np.ndarray, tuple[int, ...]]] = iter([(stored, info.shape)])
+    else:
+        rows, rest = info.shape[0], info.shape[1:]
+        step = max(1, _CHUNK_BYTES // max(1, info.size // max(rows, 1) * dtype.size_in_bytes))
+        pieces = ((stored[i : i + step], (min(step, rows - i), *rest)) for i in range(0, rows, step))
+    for part, shape in pieces:
+        if info.encoding is not None:
+            yield _dequantized(part, info.encoding, shape, dtype)
+        else:
+            yield np.asarray(part).astype(dtype.to_numpy())
+
+
+def _dequantized(
+    blocks: np.ndarray, encoding: QuantizationEncoding, shape: tuple[int, ...], dtype: DType
+) -> np.ndarray:
+    """Dequantizes on the CPU (whatever the default device), then casts on the host when the dequantizer
+    does not produce ``dtype`` itself."""
+    import jax
+
+    from ._dequant import dequantize
+
+    direct = dtype in (DType.float32, DType.bfloat16, DType.float16)
+    with jax.default_device(jax.devices("cpu")[0]):
+        values = dequantize(blocks, encoding, shape, dtype if direct else DType.float32)
+    host = np.asarray(values)
+    return host if direct else host.astype(dtype.to_numpy())
+
+
+def _string_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as safetensors stores it: strings kept, scalars written as text, arrays (a GGUF
+    vocabulary) left out, undecoded."""
+    out: dict[str, str] = {}
+    for key in metadata:
+        if _array_info(metadata, key) is not None:
+            continue
+        value = metadata[key]
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, (bool, np.bool_)):
+            out[key] = json.dumps(bool(value))
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            out[key] = str(value.item() if isinstance(value, np.generic) else value)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +248,12 @@ def _parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="rewrite a checkpoint as one 64-byte aligned safetensors file")
     convert.add_argument("source", nargs="+", help="files, folders or an index.json")
     convert.add_argument("target", help="output .safetensors path")
+    convert.add_argument(
+        "--dequantize", action="store_true", help="write quantized GGUF tensors as floats (--dtype, float32)"
+    )
+    convert.add_argument(
+        "--dtype", help="float type for dequantized tensors and, if given, for every float tensor (bfloat16)"
+    )
     sub.add_parser("demo", help="load the embedded default checkpoint and print its tree")
     return parser
 
@@ -113,7 +262,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "inspect":
         _inspect(args.paths, args.full)
     elif args.command == "convert":
-        _convert(args.source, args.target)
+        _convert(args.source, args.target, args.dtype, args.dequantize)
     else:
         _demo()
 

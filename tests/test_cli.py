@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,180 @@ def test_reader_closing_early_ends_quietly(tmp_path: Path) -> None:
     assert status == 1 and stderr == ""
     status, stderr = _read_one_line_then_close("demo")  # small output: may all fit before the close
     assert status in (0, 1) and "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+# -- GGUF: inspect and convert ----------------------------------------------------------------
+
+
+def _gguf_tensors() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return {
+        "token_embd.weight": rng.standard_normal((8, 64), dtype=np.float32),
+        "blk.0.attn_q.weight": rng.standard_normal((300, 64), dtype=np.float32),
+        "blk.0.attn_norm.weight": rng.standard_normal(64, dtype=np.float32),
+        "positions": np.arange(5, dtype=np.int32),
+    }
+
+
+def _q8(value: np.ndarray) -> np.ndarray:
+    import gguf
+
+    return np.asarray(gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0))
+
+
+def _q8_reference(value: np.ndarray) -> np.ndarray:
+    import gguf
+
+    return np.asarray(gguf.quants.dequantize(_q8(value), gguf.GGMLQuantizationType.Q8_0), np.float32)
+
+
+def _write_gguf(path: Path, tensors: dict[str, np.ndarray], quantized: set[str]) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(8)
+    writer.add_name("tiny llama")
+    writer.add_float32("tiny.ratio", 0.5)
+    writer.add_bool("tiny.flag", True)
+    writer.add_token_list([f"tok{i}" for i in range(7)])
+    for name, value in tensors.items():
+        if name in quantized:
+            writer.add_tensor(name, _q8(value), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A checkpoint with one Q8_0 tensor, built without the GGUF reader: raw blocks in a file and their
+    `TensorInfo`s, handed to the CLI in place of `open_checkpoint`."""
+    tensors = _gguf_tensors()
+    path = tmp_path / "fake.gguf"
+    blobs = {
+        name: (_q8(value) if name == "blk.0.attn_q.weight" else np.ascontiguousarray(value)).tobytes()
+        for name, value in tensors.items()
+    }
+    infos, start = {}, 0
+    for name, blob in blobs.items():
+        encoding = jw.QuantizationEncoding.Q8_0 if name == "blk.0.attn_q.weight" else None
+        dtype = jw.DType.uint8 if encoding else jw.DType.from_any(tensors[name].dtype)
+        infos[name] = jw.TensorInfo(
+            name, dtype, tensors[name].shape, path, start, start + len(blob), encoding
+        )
+        start += len(blob)
+    path.write_bytes(b"".join(blobs.values()))
+    metadata = {"general.architecture": "llama", "llama.attention.head_count": 8, "vocab": ["a", "b"]}
+    monkeypatch.setattr(
+        jaxweights.cli,
+        "open_checkpoint",
+        lambda paths: jw.Checkpoint(jw.WeightsFormat.gguf, dict(infos), [path], metadata=metadata),
+    )
+    return path
+
+
+def test_convert_refuses_quantized_tensors_without_dequantize(
+    fake_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "out.safetensors"
+    assert main(["convert", str(fake_gguf), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 quantized tensor(s) (Q8_0 x1" in err and "--dequantize" in err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16", "float64"])
+def test_convert_dequantizes(fake_gguf: Path, tmp_path: Path, dtype: str | None) -> None:
+    target = tmp_path / "out.safetensors"
+    assert (
+        main(["convert", str(fake_gguf), str(target), "--dequantize", *(["--dtype", dtype] if dtype else [])])
+        == 0
+    )
+    tensors, want = _gguf_tensors(), jw.DType.from_any(dtype or "float32")
+    with jw.open_checkpoint(target) as converted:
+        assert list(converted) == list(tensors)  # every tensor, in order
+        q = converted.view(converted["blk.0.attn_q.weight"])
+        assert converted["blk.0.attn_q.weight"].dtype is want
+        reference = _q8_reference(tensors["blk.0.attn_q.weight"]).astype(want.to_numpy())
+        np.testing.assert_array_equal(q, reference)
+        norm = converted["blk.0.attn_norm.weight"]  # plain floats: --dtype only if given
+        assert norm.dtype is (want if dtype else jw.DType.float32)
+        np.testing.assert_array_equal(converted.view(norm), tensors[norm.name].astype(norm.dtype.to_numpy()))
+        np.testing.assert_array_equal(
+            converted.view(converted["positions"]), tensors["positions"]
+        )  # ints kept
+        assert dict(converted.metadata) == {
+            "general.architecture": "llama",
+            "llama.attention.head_count": "8",
+        }
+
+
+def test_convert_in_row_chunks_is_the_same(
+    fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole, chunked = tmp_path / "whole.safetensors", tmp_path / "chunked.safetensors"
+    assert main(["convert", str(fake_gguf), str(whole), "--dequantize", "--dtype", "float16"]) == 0
+    monkeypatch.setattr(jaxweights.cli, "_CHUNK_BYTES", 64 * 2 * 7)  # 7 rows at a time: 300 = 42 x 7 + 6
+    assert main(["convert", str(fake_gguf), str(chunked), "--dequantize", "--dtype", "float16"]) == 0
+    assert whole.read_bytes() == chunked.read_bytes()
+
+
+def test_convert_dtype_for_safetensors_and_bad_dtypes(
+    transformer: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "half.safetensors"
+    assert main(["convert", str(transformer), str(target), "--dtype", "bf16"]) == 0
+    original, converted = jw.load_weights(transformer), jw.load_weights(target)
+    for name in original.keys():  # noqa: SIM118 - keys() is the accessor method
+        assert converted[name].dtype is jw.DType.bfloat16
+        expected = np.asarray(original[name].data().data).astype(jw.DType.bfloat16.to_numpy())
+        np.testing.assert_array_equal(converted[name].data().data, expected)
+    capsys.readouterr()
+    assert main(["convert", str(transformer), str(target), "--dtype", "int8"]) == 2
+    assert main(["convert", str(transformer), str(target), "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--dtype int8: converted tensors need a float type" in err[0] and "ambiguous" in err[1]
+
+
+def test_inspect_prints_sorted_metadata_with_arrays_summarised(
+    write_reference: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_reference({"w": np.zeros(2, np.float32)}, metadata={"b": "two", "a": "one"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("metadata (2 keys):\n  a  one\n  b  two\n")
+    lazy = jaxweights.cli._metadata_lines({"n": 3, "v": ["x", "y"], "s": np.zeros(4, np.uint32)})
+    assert lazy == ["  n  3", "  s  [uint32 x 4]", "  v  [string x 2]"]
+
+
+def test_inspect_and_convert_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tensors = _gguf_tensors()
+    path = _write_gguf(tmp_path / "tiny.gguf", tensors, {"blk.0.attn_q.weight"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Q8_0[300, 64]" in out and "float32[64]" in out
+    lines = out[out.index("metadata (") :].splitlines()[1:]
+    keys = [line.split()[0] for line in lines]
+    assert keys == sorted(keys) and "general.architecture" in keys
+    shown = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert shown["tokenizer.ggml.tokens"] == "[string x 7]" and shown["llama.attention.head_count"] == "8"
+    assert shown["general.name"] == "tiny llama" and shown["tiny.flag"] == "True"
+
+    target = tmp_path / "tiny.safetensors"
+    assert main(["convert", str(path), str(target)]) == 2
+    assert "--dequantize" in capsys.readouterr().err
+    assert main(["convert", str(path), str(target), "--dequantize"]) == 0
+    with jw.open_checkpoint(target) as converted:
+        np.testing.assert_array_equal(
+            converted.view(converted["blk.0.attn_q.weight"]), _q8_reference(tensors["blk.0.attn_q.weight"])
+        )
+        for name in ("token_embd.weight", "blk.0.attn_norm.weight", "positions"):
+            np.testing.assert_array_equal(converted.view(converted[name]), tensors[name])
+        metadata = dict(converted.metadata)
+    assert metadata["llama.attention.head_count"] == "8" and metadata["general.name"] == "tiny llama"
+    assert metadata["tiny.flag"] == "true" and metadata["tiny.ratio"] == "0.5"
+    assert "tokenizer.ggml.tokens" not in metadata
