@@ -44,6 +44,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sharded.py
 	$(PY) benchmarks/bench_checkpoint.py
 	$(PY) benchmarks/bench_minilm.py
+	$(PY) benchmarks/bench_gguf.py
+	$(PY) benchmarks/bench_dequant.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache
