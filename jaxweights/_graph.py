@@ -269,9 +269,10 @@ class Graph:
             node = accessor[name]
             if not node.exists():
                 problems.append(f"missing: {name!r}")
-            elif node.info.shape != weight.shape:
+            elif _placed_shape(node.info, weight.dtype) != weight.shape:
                 problems.append(
-                    f"{name!r}: shape {node.info.shape} in the checkpoint, declared {weight.shape}"
+                    f"{name!r}: shape {_placed_shape(node.info, weight.dtype)} in the checkpoint, declared "
+                    f"{weight.shape}"
                 )
         _raise_problems(self.name, problems)
         with self._outside_trace():  # reads, even when called from inside a graph function
@@ -321,17 +322,24 @@ class Graph:
 
 
 def _from_catalogue(info: TensorInfo, dtype: DType | None, placement: Placement) -> Weight:
-    """A data-less weight laid out as the checkpoint stores it, read later as ``dtype`` on ``placement``."""
+    """A data-less weight laid out as the checkpoint stores it, read later as ``dtype`` on ``placement``
+    (a quantized tensor: its blocks in their byte shape, or dequantized to its logical shape)."""
+    target = resolve_dtype(info, dtype)
     return Weight(
         name=info.name,
-        dtype=resolve_dtype(info, dtype),
-        shape=info.shape,
+        dtype=target,
+        shape=_placed_shape(info, target),
         device=placement if isinstance(placement, DeviceRef) else None,
         sharding=to_sharding(placement),
         quantization_encoding=info.encoding,
         original_dtype=info.dtype,
         value=None,
     )
+
+
+def _placed_shape(info: TensorInfo, dtype: DType) -> tuple[int, ...]:
+    """The shape of ``info`` placed as ``dtype``: a quantized tensor's blocks keep their byte shape."""
+    return info.stored_shape if info.encoding is not None and not dtype.is_float() else info.shape
 
 
 def _declared(request: AllocationRequest) -> Weight:

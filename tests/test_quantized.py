@@ -142,3 +142,27 @@ def test_big_endian_elements_read_as_native_values(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(rows), values)
     cols = weights.w.allocate(device=NamedSharding(Mesh(np.array(jax.devices()[:2]), ("x",)), P(None, "x")))
     np.testing.assert_array_equal(np.asarray(cols.array), values)
+
+
+def test_a_graph_function_takes_blocks_or_dequantized_weights(
+    q8: tuple[Weights, np.ndarray, np.ndarray],
+) -> None:
+    weights, _, expected = q8
+    graph = jw.Graph("q", weights=weights)
+    x = np.ones(COLS, np.float32)
+
+    @graph.function
+    def on_blocks(v: jax.Array) -> jax.Array:  # stays quantized on the device, expanded in the program
+        blocks = weights.blk[0].w.allocate()
+        return jw.dequantize(blocks.array, "Q8_0", (ROWS, COLS)) @ v
+
+    np.testing.assert_allclose(np.asarray(on_blocks(x)), expected @ x, rtol=1e-5, atol=1e-4)
+    assert graph.declared["blk.0.w"].shape == (ROWS, COLS // 32 * 34)
+    other = jw.Graph("f", weights=weights)
+
+    @other.function
+    def floats(v: jax.Array) -> jax.Array:
+        return weights.blk[0].w.allocate(dtype="float32").array @ v
+
+    np.testing.assert_allclose(np.asarray(floats(x)), expected @ x, rtol=1e-5, atol=1e-4)
+    assert other.declared["blk.0.w"].shape == (ROWS, COLS) and other.declared["blk.0.w"].dtype == np.float32
