@@ -529,3 +529,55 @@ def test_a_file_that_changed_since_opening_is_refused_when_an_array_is_read(
         out.write(b"\0")
     with pytest.raises(CheckpointError, match=r"changed size since it was opened"):
         metadata["tokenizer.ggml.token_type"]
+
+
+def test_mutated_gguf_files_load_or_raise_a_jaxweights_error(tmp_path: Path) -> None:
+    """Random byte flips (mostly in the header and metadata), truncations and count rewrites: never a
+    crash, never another exception type, including when every metadata array is decoded."""
+    source = tmp_path / "good.gguf"
+    writer = gguf.GGUFWriter(str(source), "llama")
+    writer.add_head_count(4)
+    writer.add_token_list([f"tok{i}".encode() for i in range(40)])
+    writer.add_token_scores([float(i) for i in range(40)])
+    writer.add_string("general.name", "mutant")
+    values = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    writer.add_tensor(
+        "blk.0.q",
+        gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+        raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+    )
+    writer.add_tensor("blk.0.w", values)
+    writer.add_tensor("blk.0.h", values.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = source.read_bytes()
+    rng = np.random.default_rng(11)
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(240):
+        data = bytearray(original)
+        kind = trial % 3
+        if kind == 0:  # flip bytes in the header, metadata and tensor infos
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(4, min(len(data), 1200)))] = int(rng.integers(0, 256))
+        elif kind == 1:  # truncate anywhere
+            data = data[: int(rng.integers(0, len(data)))]
+        else:  # rewrite the tensor count or the metadata count
+            at = 8 if trial % 2 else 16
+            data[at : at + 8] = int(rng.integers(0, 1 << 62)).to_bytes(8, "little")
+        path = tmp_path / f"mutant{trial}.gguf"
+        path.write_bytes(bytes(data))
+        try:
+            weights = jw.load_weights(path)
+            for key in weights.metadata:
+                weights.metadata[key]
+            for _, accessor in weights.items():
+                accessor.data()
+                accessor.allocate()
+                if accessor.info.encoding is not None:
+                    accessor.allocate(dtype="float32")
+            outcomes["loaded"] += 1
+        except jw.errors.WeightsError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 80 and sum(outcomes.values()) == 240
