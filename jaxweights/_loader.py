@@ -54,6 +54,8 @@ def planned_bytes(info: TensorInfo, sharding: Sharding) -> int:
         return plan_for(blocks_of(info), sharding).nbytes
     if info.dtype.is_packed:
         return info.nbytes
+    if not info.contiguous:  # gathered whole on the host
+        return info.size * info.dtype.size_in_bytes
     return plan_for(info, sharding).nbytes
 
 

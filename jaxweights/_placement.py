@@ -175,7 +175,7 @@ def _place(
     # convert on the host for CPU targets, unless values must be checked or swapped first
     host_dtype = dtype if on_cpu and not narrowing and not info.swapped else info.dtype
     indices = sharding.addressable_devices_indices_map(info.shape)
-    if info.dtype.is_packed:
+    if info.dtype.is_packed or not info.contiguous:
         buffers = _whole_then_slice(checkpoint, info, host_dtype, indices)
     elif info.swapped:  # big-endian elements: read the bytes as they are, then swap them
         native = info._replace(byteorder=NATIVE_ORDER)
@@ -247,7 +247,13 @@ def _copied_by_xla(info: TensorInfo) -> bool:
     """True for a plain tensor placed on one CPU device in its stored dtype at an offset XLA cannot alias:
     `jax.device_put` of its view copies it asynchronously on XLA's threads, which overlaps tensors
     better than a synchronous copy of our own (docs/performance.md)."""
-    return info.encoding is None and not info.dtype.is_packed and not info.swapped and not info.is_aligned()
+    return (
+        info.encoding is None
+        and not info.dtype.is_packed
+        and not info.swapped
+        and info.contiguous
+        and not info.is_aligned()
+    )
 
 
 class _PageReleaser:
@@ -439,7 +445,8 @@ def _run_parallel(tasks: list[Callable[[], None]]) -> None:
 def _whole_then_slice(
     checkpoint: Checkpoint, info: TensorInfo, dtype: DType, indices: Mapping[Any, tuple[slice, ...] | None]
 ) -> dict[BlockKey, np.ndarray]:
-    """Packed (float4) tensors are not byte-addressable per element: read whole, slice."""
+    """Packed (float4) tensors are not byte-addressable per element, and strided views (a transposed
+    PyTorch tensor) are gathered on the host: read whole, slice."""
     whole = checkpoint.read(info)
     if dtype is not info.dtype:
         whole = whole.astype(dtype.to_numpy())

@@ -26,6 +26,7 @@ __all__ = [
     "ShapeMismatchError",
     "ShardingError",
     "StructureMismatchError",
+    "UnsafeCheckpointError",
     "UnsupportedFormatError",
     "WeightNotFoundError",
     "WeightsError",
@@ -70,6 +71,11 @@ class CheckpointNotFoundError(WeightsError, FileNotFoundError):
 
 class UnsupportedFormatError(WeightsError, ValueError):
     """A file is not in a format jaxweights reads, or the paths mix formats."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint asks to run code or to build objects outside the allow-list (a pickle that names
+    ``os.system``, ``builtins.exec``, an unknown class, ...). Nothing it names was imported or run."""
 
 
 class DuplicateTensorError(CheckpointError):

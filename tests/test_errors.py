@@ -31,6 +31,7 @@ from jaxweights import errors
         (errors.AccessorError, TypeError),
         (errors.GraphError, ValueError),
         (errors.IndexOutOfRangeError, IndexError),
+        (errors.UnsafeCheckpointError, ValueError),
     ],
 )
 def test_every_error_is_a_weights_error_and_a_builtin(cls: type[errors.WeightsError], builtin: type) -> None:

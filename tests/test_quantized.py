@@ -1,4 +1,4 @@
-"""Quantized and big-endian tensors through the accessor and placement, whatever format holds them.
+"""Quantized, big-endian and strided tensors through the accessor and placement, whatever format holds them.
 
 The catalogue is built by hand here (raw GGML blocks written to a file), so these tests pin down what
 `data()`, `allocate()` and bulk loads do with a `TensorInfo` that carries an encoding or a byte order;
@@ -166,3 +166,22 @@ def test_a_graph_function_takes_blocks_or_dequantized_weights(
 
     np.testing.assert_allclose(np.asarray(floats(x)), expected @ x, rtol=1e-5, atol=1e-4)
     assert other.declared["blk.0.w"].shape == (ROWS, COLS) and other.declared["blk.0.w"].dtype == np.float32
+
+
+def test_strided_views_into_a_storage_are_gathered(tmp_path: Path) -> None:
+    storage = np.arange(48, dtype=np.float32).reshape(6, 8)
+    transposed = TensorInfo("", DType.float32, (8, 6), Path(), 0, 0, strides=(1, 8))
+    weights = catalogue(tmp_path / "s.bin", {"t": (storage.tobytes(), transposed)})
+    np.testing.assert_array_equal(weights.t.data().data, storage.T)
+    np.testing.assert_array_equal(np.asarray(weights.t.allocate().array), storage.T)
+    np.testing.assert_array_equal(
+        np.asarray(weights.t.allocate(dtype="bfloat16").array), storage.T.astype(jnp.bfloat16)
+    )
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    rows = weights.t.allocate(device=NamedSharding(mesh, P("x"))).array
+    np.testing.assert_array_equal(np.asarray(rows), storage.T)
+    assert weights.checkpoint["t"].contiguous is False
+    plain = TensorInfo("", DType.float32, (6, 8), Path(), 0, 0, strides=(8, 1))
+    assert (
+        plain.contiguous and TensorInfo("", DType.float32, (1, 8), Path(), 0, 0, strides=(99, 1)).contiguous
+    )

@@ -62,6 +62,9 @@ class TensorInfo(NamedTuple):
         encoding: the quantization encoding, or None for plain tensors.
         byteorder: ``"<"`` (little-endian: every safetensors file) or ``">"`` (the plain tensors of a
             big-endian GGUF file); readers hand out native-order values either way.
+        strides: element strides of a view into a larger storage (a transposed or sliced PyTorch
+            tensor), or None for C-contiguous bytes. ``start`` is then the first element's byte and
+            ``end`` one past the last byte the view touches.
     """
 
     if not TYPE_CHECKING:  # type: ignore[misc]  # mypy reads every NamedTuple statement as a field
@@ -75,6 +78,15 @@ class TensorInfo(NamedTuple):
     end: int
     encoding: QuantizationEncoding | None = None
     byteorder: str = "<"
+    strides: tuple[int, ...] | None = None
+
+    @property
+    def contiguous(self) -> bool:
+        """True when the elements lie in C order, back to back (no strides, or strides that say so)."""
+        if self.strides is None:
+            return True
+        expected = c_strides(self.shape, 1)
+        return all(dim <= 1 or a == b for dim, a, b in zip(self.shape, self.strides, expected, strict=True))
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -256,6 +268,14 @@ class Checkpoint(Mapping[str, TensorInfo]):
         (`TensorInfo.stored_shape`).
         """
         raw = self.raw_view(info)
+        if not info.contiguous:
+            assert info.strides is not None
+            itemsize = info.dtype.size_in_bytes
+            base = raw[: raw.size - raw.size % itemsize].view(info.dtype.to_numpy())
+            out = np.lib.stride_tricks.as_strided(
+                base, info.shape, tuple(s * itemsize for s in info.strides), writeable=False
+            )
+            return out.byteswap() if info.swapped else out
         if info.encoding is not None:
             out = raw.reshape(info.stored_shape)
         elif info.dtype.is_packed:
@@ -350,6 +370,12 @@ class Checkpoint(Mapping[str, TensorInfo]):
             packed = np.empty(info.nbytes, dtype=np.uint8)
             self.copy_into(info, packed)
             return unpack_nibbles(packed, info.dtype, info.shape)
+        if not info.contiguous:  # a strided view: gathered from the map, then its pages released
+            out = aligned_empty(info.shape, info.dtype.to_numpy())
+            np.copyto(out, self.view(info))
+            self.release(info)
+            self._count(out.nbytes)
+            return out
         out = aligned_empty(info.shape, info.dtype.to_numpy())
         self.copy_into(info, out)
         if info.swapped:
