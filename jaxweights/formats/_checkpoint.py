@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import mmap
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -27,7 +28,7 @@ from .._quantization import QuantizationEncoding
 from .._shapes import c_strides, element_count
 from ..errors import ArgumentError, CheckpointError, ShapeMismatchError
 
-__all__ = ["NATIVE_ORDER", "Checkpoint", "TensorInfo", "WeightsFormat"]
+__all__ = ["NATIVE_ORDER", "Checkpoint", "TensorInfo", "WeightsFormat", "first_overlap"]
 
 NATIVE_ORDER = "<" if sys.byteorder == "little" else ">"
 """This machine's byte order, as `TensorInfo.byteorder` spells it."""
@@ -120,6 +121,22 @@ class TensorInfo(NamedTuple):
             and not self.dtype.is_packed
             and not self.swapped
         )
+
+
+def first_overlap(tensors: Iterable[TensorInfo]) -> tuple[TensorInfo, TensorInfo] | None:
+    """The first two tensors (in file order) whose byte ranges overlap, or None; empty tensors never do.
+
+    Example:
+        >>> a = TensorInfo("a", DType.uint8, (4,), Path("f"), 0, 4)
+        >>> b = TensorInfo("b", DType.uint8, (4,), Path("f"), 2, 6)
+        >>> [t.name for t in first_overlap([b, a])], first_overlap([a])
+        (['a', 'b'], None)
+    """
+    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: t.start)
+    for before, after in itertools.pairwise(ordered):
+        if after.start < before.end:
+            return before, after
+    return None
 
 
 class _OpenFile:

@@ -38,7 +38,7 @@ from ..errors import (
     DuplicateTensorError,
     UnsupportedFormatError,
 )
-from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat, first_overlap
 from ._plugin import FormatPlugin
 
 __all__ = [
@@ -586,15 +586,15 @@ def _tensor_info(
 
 
 def _check_overlaps(path: Path, tensors: list[TensorInfo]) -> None:
-    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: t.start)
-    for before, after in itertools.pairwise(ordered):
-        if after.start < before.end:
-            raise CheckpointError(
-                f"{_invalid(path)}: tensors {before.name!r} and {after.name!r} overlap (bytes "
-                f"{before.start}-{before.end} and {after.start}-{after.end}). Convert the model again.",
-                file=path,
-                tensor=after.name,
-            )
+    overlap = first_overlap(tensors)
+    if overlap is not None:
+        before, after = overlap
+        raise CheckpointError(
+            f"{_invalid(path)}: tensors {before.name!r} and {after.name!r} overlap (bytes "
+            f"{before.start}-{before.end} and {after.start}-{after.end}). Convert the model again.",
+            file=path,
+            tensor=after.name,
+        )
 
 
 # ---------------------------------------------------------------------------------------------

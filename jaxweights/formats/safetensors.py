@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import json
 import os
 import struct
@@ -35,7 +34,7 @@ from ..errors import (
     DuplicateTensorError,
     UnsupportedFormatError,
 )
-from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat, first_overlap
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
@@ -239,15 +238,15 @@ _BITS = {dtype: dtype.size_in_bits for dtype in DType}
 
 
 def _check_overlaps(path: Path, tensors: list[TensorInfo]) -> None:
-    ordered = sorted((t for t in tensors if t.nbytes), key=lambda t: t.start)
-    for before, after in itertools.pairwise(ordered):
-        if after.start < before.end:
-            raise CheckpointError(
-                f"{_hint_close(path)}: tensors {before.name!r} and {after.name!r} overlap (bytes "
-                f"{before.start}-{before.end} and {after.start}-{after.end}). Re-save the file.",
-                file=path,
-                tensor=after.name,
-            )
+    overlap = first_overlap(tensors)
+    if overlap is not None:
+        before, after = overlap
+        raise CheckpointError(
+            f"{_hint_close(path)}: tensors {before.name!r} and {after.name!r} overlap (bytes "
+            f"{before.start}-{before.end} and {after.start}-{after.end}). Re-save the file.",
+            file=path,
+            tensor=after.name,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
