@@ -15,7 +15,7 @@ from typing import Union
 
 from .._buffers import ALIGNMENT, aligned_empty
 from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
-from . import gguf, safetensors
+from . import gguf, safetensors, torch
 from ._checkpoint import NATIVE_ORDER, Checkpoint, TensorInfo, WeightsFormat
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
@@ -47,15 +47,7 @@ HEAD_SIZE = 16
 """Bytes of each file a plug-in's ``sniff`` sees."""
 
 
-def _is_pytorch(head: bytes, path: Path) -> bool:
-    """A ``torch.save`` zip archive, or a legacy pickle (protocol 2 to 5)."""
-    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
-
-
-# Recognised so that it is refused by name; formats/torch.py replaces this line.
-_PYTORCH = FormatPlugin(WeightsFormat.pytorch, "PyTorch", (".bin", ".pt", ".pth"), _is_pytorch)
-
-FORMATS: tuple[FormatPlugin, ...] = (safetensors.PLUGIN, gguf.PLUGIN, _PYTORCH)
+FORMATS: tuple[FormatPlugin, ...] = (safetensors.PLUGIN, gguf.PLUGIN, torch.PLUGIN)
 """The registry, in order of preference: sniffing asks each plug-in in turn, and a folder holding files of
 several formats (``model.safetensors`` and ``pytorch_model.bin``) is read as the first that finds any."""
 
@@ -64,8 +56,8 @@ def plugin_for(name: WeightsFormat | str) -> FormatPlugin:
     """The registered plug-in of a format.
 
     Example:
-        >>> plugin_for("safetensors").title, plugin_for(WeightsFormat.pytorch).open is None
-        ('safetensors', True)
+        >>> plugin_for("safetensors").title, plugin_for(WeightsFormat.pytorch).title
+        ('safetensors', 'PyTorch')
     """
     for plugin in FORMATS:
         if plugin.name == name:
@@ -129,18 +121,22 @@ def expand_paths(paths: PathsLike) -> list[Path]:
 def sniff_format(path: Path) -> FormatPlugin:
     """The plug-in for one file, from its first bytes rather than its suffix.
 
-    Every plug-in's ``sniff`` is asked in `FORMATS` order. A file none recognises goes to the readable
-    format whose suffix it has, so that parser names what is wrong with it (a truncated
-    ``*.safetensors``); otherwise it is refused.
+    Every plug-in's ``sniff`` is asked in `FORMATS` order; when several recognise the bytes, one whose
+    suffix the file has wins (a JSON index: ``*.safetensors.index.json`` or ``*.bin.index.json``). A
+    file none recognises goes to the readable format whose suffix it has, so that parser names what is
+    wrong with it (a truncated ``*.safetensors``); otherwise it is refused.
 
     Raises:
         UnsupportedFormatError: no registered format recognises the file.
     """
     with open(path, "rb") as handle:
         head = handle.read(HEAD_SIZE)
-    for plugin in FORMATS:
-        if plugin.sniff(head, path):
+    recognised = [plugin for plugin in FORMATS if plugin.sniff(head, path)]
+    for plugin in recognised:
+        if plugin.owns(path):
             return plugin
+    if recognised:
+        return recognised[0]
     for plugin in FORMATS:
         if plugin.open is not None and plugin.owns(path):
             return plugin
@@ -175,8 +171,8 @@ def open_checkpoint(paths: PathsLike) -> Checkpoint:
     """Opens files, folders or an index as one `Checkpoint`, validating every header first.
 
     Raises:
-        UnsupportedFormatError: a file is in no format jaxweights reads (PyTorch files are
-            recognised and refused by name), or the paths mix formats.
+        UnsupportedFormatError: a file is in no format jaxweights reads, or the paths mix formats.
+        UnsafeCheckpointError: a PyTorch pickle asks to run code (nothing is run).
 
     Example:
         >>> import tempfile, numpy as np, jaxweights as jw

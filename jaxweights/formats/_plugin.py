@@ -101,7 +101,7 @@ class FormatPlugin:
     Example:
         >>> from jaxweights.formats import FORMATS
         >>> [(plugin.name.value, plugin.open is not None) for plugin in FORMATS]
-        [('safetensors', True), ('gguf', True), ('pytorch', False)]
+        [('safetensors', True), ('gguf', True), ('pytorch', True)]
     """
 
     name: WeightsFormat

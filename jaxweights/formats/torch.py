@@ -1,0 +1,1131 @@
+"""PyTorch checkpoints written by ``torch.save``, read without torch and without running pickle code.
+
+Registered as `PLUGIN` in `jaxweights.formats`: it recognises the zip format (torch >= 1.6) and the
+legacy format (``_use_new_zipfile_serialization=False``), lists ``pytorch_model.bin.index.json`` or the
+``*.bin`` / ``*.pt`` / ``*.pth`` files of a folder, and opens them as one `Checkpoint`.
+
+The pickle is run by a small interpreter of its own (protocols 2 to 5), not by `pickle`: every global
+comes from an allow-list of rebuild functions written here (nothing is imported), REDUCE only calls
+those, BUILD only fills a state dict's attributes, and objects, nesting depth and every length are
+bounded against the bytes left before anything is allocated. Anything else raises
+`UnsafeCheckpointError` before a single object of it exists. Storages are never read: their offsets in
+the file are computed (a zip member's data offset from its local header; a legacy file's storages by
+walking their 8-byte counts), and each tensor becomes a `TensorInfo` over its storage's bytes, with
+``strides`` for views that are not C-contiguous. Compressed zip members, TorchScript archives and the old
+tar format are refused. Nested training checkpoints get dotted names (``model.layers.0.weight``) and
+their non-tensor leaves (``epoch``) become metadata.
+
+Never imports jax, torch or `pickle`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .._dtypes import DType
+from .._shapes import c_strides, element_count
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DTypeError,
+    DuplicateTensorError,
+    UnsafeCheckpointError,
+    UnsupportedFormatError,
+    WeightsError,
+)
+from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._plugin import FormatPlugin
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "INDEX_NAME",
+    "LEGACY_MAGIC",
+    "LEGACY_PROTOCOL",
+    "MAX_DEPTH",
+    "MAX_LEAVES",
+    "MAX_OBJECTS",
+    "PLUGIN",
+    "open_torch",
+    "read_torch",
+    "sniff",
+    "weight_files",
+]
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+"""The first pickle of a legacy (non-zip) ``torch.save`` file."""
+LEGACY_PROTOCOL = 1001
+INDEX_NAME = "pytorch_model.bin.index.json"
+INDEX_SUFFIXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
+MAX_DEPTH = 200
+"""Deepest nesting of marks while unpickling, and of containers while naming tensors."""
+MAX_OBJECTS = 50_000_000
+MAX_LEAVES = 1_000_000
+"""Most names (tensors and metadata leaves, counting every shared reference again) one file may give."""
+"""Most opcodes one pickle may run (each makes at most one object), and most nodes named."""
+MAX_STRING = 1 << 28
+"""Longest string or bytes object a pickle may hold (256 MiB)."""
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_TAR_NAMES = (b"sys_info\0", b"pickle\0", b"storages\0", b"tensors\0")  # members of torch's old tar format
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pickle may name: storage types, dtypes, and the rebuild functions below
+# ---------------------------------------------------------------------------------------------
+
+_STORAGE_DTYPES: dict[str, DType | None] = {
+    "FloatStorage": DType.float32,
+    "HalfStorage": DType.float16,
+    "BFloat16Storage": DType.bfloat16,
+    "DoubleStorage": DType.float64,
+    "ByteStorage": DType.uint8,
+    "CharStorage": DType.int8,
+    "ShortStorage": DType.int16,
+    "IntStorage": DType.int32,
+    "LongStorage": DType.int64,
+    "BoolStorage": DType.bool,
+    "ComplexFloatStorage": DType.complex64,
+    "ComplexDoubleStorage": None,  # complex128: no DType; refused for the tensors that use it
+    "UInt16Storage": DType.uint16,
+    "UInt32Storage": DType.uint32,
+    "UInt64Storage": DType.uint64,
+}
+
+_TORCH_DTYPES: dict[str, DType | None] = {
+    "float32": DType.float32, "float": DType.float32, "float16": DType.float16, "half": DType.float16,
+    "bfloat16": DType.bfloat16, "float64": DType.float64, "double": DType.float64,
+    "uint8": DType.uint8, "int8": DType.int8, "int16": DType.int16, "short": DType.int16,
+    "int32": DType.int32, "int": DType.int32, "int64": DType.int64, "long": DType.int64,
+    "uint16": DType.uint16, "uint32": DType.uint32, "uint64": DType.uint64, "bool": DType.bool,
+    "complex64": DType.complex64, "cfloat": DType.complex64,
+    "float8_e4m3fn": DType.float8_e4m3fn, "float8_e4m3fnuz": DType.float8_e4m3fnuz,
+    "float8_e5m2": DType.float8_e5m2, "float8_e5m2fnuz": DType.float8_e5m2fnuz,
+    "float8_e8m0fnu": DType.float8_e8m0fnu,
+    # known to torch, not readable here: refused for the tensors that use them
+    "complex128": None, "cdouble": None, "complex32": None, "chalf": None, "qint8": None,
+    "quint8": None, "qint32": None, "quint4x2": None, "quint2x4": None, "float4_e2m1fn_x2": None,
+}  # fmt: skip
+
+
+class _StorageType(NamedTuple):
+    """A storage class named by the pickle (``torch.FloatStorage``); ``dtype`` None: untyped (bytes)."""
+
+    name: str
+    dtype: DType | None
+    itemsize: int
+
+
+class _TorchDType(NamedTuple):
+    """A torch dtype named by the pickle (``torch.float8_e4m3fn``); ``dtype`` None: not readable here."""
+
+    name: str
+    dtype: DType | None
+
+
+class _Storage:
+    """One storage of the file: its key, element type and size; ``start`` is filled in once located."""
+
+    __slots__ = ("dtype", "key", "kind", "nbytes", "numel", "start")
+
+    def __init__(self, key: str, kind: _StorageType, numel: int) -> None:
+        self.key = key
+        self.kind = kind
+        self.dtype = kind.dtype
+        self.numel = numel
+        self.nbytes = numel * kind.itemsize
+        self.start = -1
+
+
+class _Tensor(NamedTuple):
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: DType | None
+    dtype_name: str
+
+
+class _OrderedDict(dict[Any, Any]):
+    """``collections.OrderedDict`` as the pickle builds it; BUILD may set its attributes (``_metadata``)."""
+
+    attributes: dict[Any, Any] | None = None
+
+
+class _Global:
+    """An allow-listed global: REDUCE calls ``build`` with the argument tuple, nothing else is called."""
+
+    __slots__ = ("build", "name")
+
+    def __init__(self, name: str, build: Callable[[tuple[Any, ...]], Any] | None) -> None:
+        self.name = name
+        self.build = build
+
+
+class _BadArgumentsError(Exception):
+    """A rebuild function was given arguments torch never writes."""
+
+
+def _ints(value: Any, what: str) -> tuple[int, ...]:
+    if type(value) is not tuple or any(type(v) is not int for v in value):
+        raise _BadArgumentsError(f"{what} must be a tuple of integers")
+    return value
+
+
+def _rebuild_tensor(args: tuple[Any, ...], dtype: _TorchDType | None) -> _Tensor:
+    storage, offset, shape, strides = args[:4]
+    if not isinstance(storage, _Storage) or type(offset) is not int:
+        raise _BadArgumentsError("a tensor must be rebuilt from a storage and an integer offset")
+    shape, strides = _ints(shape, "a tensor's size"), _ints(strides, "a tensor's stride")
+    if dtype is None:
+        return _Tensor(storage, offset, shape, strides, storage.dtype, storage.kind.name)
+    return _Tensor(storage, offset, shape, strides, dtype.dtype, f"torch.{dtype.name}")
+
+
+def _rebuild_tensor_v2(args: tuple[Any, ...]) -> _Tensor:
+    if not 6 <= len(args) <= 7:
+        raise _BadArgumentsError("_rebuild_tensor_v2 takes 6 or 7 arguments")
+    return _rebuild_tensor(args, None)
+
+
+def _rebuild_tensor_v3(args: tuple[Any, ...]) -> _Tensor:
+    if not 7 <= len(args) <= 8 or not isinstance(args[6], _TorchDType):
+        raise _BadArgumentsError("_rebuild_tensor_v3 takes 7 or 8 arguments, the 7th a torch dtype")
+    return _rebuild_tensor(args, args[6])
+
+
+def _rebuild_parameter(args: tuple[Any, ...]) -> _Tensor:
+    if not 3 <= len(args) <= 4 or not isinstance(args[0], _Tensor):
+        raise _BadArgumentsError("_rebuild_parameter takes a tensor and 2 or 3 more arguments")
+    return args[0]
+
+
+def _ordered_dict(args: tuple[Any, ...]) -> _OrderedDict:
+    result = _OrderedDict()
+    if args == ():
+        return result
+    if len(args) == 1 and type(args[0]) in (list, tuple):
+        for pair in args[0]:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise _BadArgumentsError("OrderedDict takes a list of (key, value) pairs")
+            result[_key(pair[0])] = pair[1]
+        return result
+    raise _BadArgumentsError("OrderedDict takes no arguments or a list of (key, value) pairs")
+
+
+def _size(args: tuple[Any, ...]) -> tuple[int, ...]:
+    if len(args) != 1:
+        raise _BadArgumentsError("torch.Size takes one tuple")
+    return _ints(tuple(args[0]) if type(args[0]) is list else args[0], "torch.Size")
+
+
+def _device(args: tuple[Any, ...]) -> str:
+    if not 1 <= len(args) <= 2 or type(args[0]) is not str:
+        raise _BadArgumentsError("torch.device takes a string and an optional index")
+    return args[0] if len(args) == 1 else f"{args[0]}:{args[1]}"
+
+
+def _encode(args: tuple[Any, ...]) -> bytes:  # how protocol 2 writes bytes objects
+    if len(args) != 2 or type(args[0]) is not str or args[1] not in ("latin1", "latin-1"):
+        raise _BadArgumentsError("_codecs.encode is allowed for latin1 text only")
+    return args[0].encode("latin1")
+
+
+def _set(args: tuple[Any, ...]) -> set[Any]:
+    if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
+        raise _BadArgumentsError("set takes one list")
+    return {_key(item) for item in args[0]} if args else set()
+
+
+def _frozenset(args: tuple[Any, ...]) -> frozenset[Any]:
+    return frozenset(_set(args))
+
+
+ALLOWED_GLOBALS: dict[tuple[str, str], _Global | _StorageType | _TorchDType] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor_v3"): _Global("torch._utils._rebuild_tensor_v3", _rebuild_tensor_v3),
+    ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Global(
+        "torch._utils._rebuild_parameter_with_state", _rebuild_parameter
+    ),
+    ("collections", "OrderedDict"): _Global("collections.OrderedDict", _ordered_dict),
+    ("torch", "Size"): _Global("torch.Size", _size),
+    ("torch", "device"): _Global("torch.device", _device),
+    ("_codecs", "encode"): _Global("_codecs.encode", _encode),
+    ("builtins", "set"): _Global("builtins.set", _set),
+    ("builtins", "frozenset"): _Global("builtins.frozenset", _frozenset),
+    **{
+        (module, name): _StorageType(name, dtype, 1 if dtype is None else dtype.size_in_bytes)
+        for name, dtype in _STORAGE_DTYPES.items()
+        if dtype is not None
+        for module in ("torch", "torch.storage")
+    },
+    ("torch", "ComplexDoubleStorage"): _StorageType("ComplexDoubleStorage", None, 16),
+    ("torch", "UntypedStorage"): _StorageType("UntypedStorage", None, 1),
+    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", None, 1),
+    **{("torch", name): _TorchDType(name, dtype) for name, dtype in _TORCH_DTYPES.items()},
+}
+"""Every global a pickle may name, ``(module, name) -> what it stands for``; none is ever imported."""
+
+
+def _key(value: Any) -> Any:
+    """A dict key or set item: only flat, hashable scalars (hashing a deeply nested tuple could recurse
+    without bound)."""
+    if type(value) in (str, int, float, bool, bytes) or value is None:
+        return value
+    if type(value) is tuple and all(type(v) in (str, int, float, bool) or v is None for v in value):
+        return value
+    raise _BadArgumentsError(
+        f"a dict key or set item must be a string or a number, found {type(value).__name__}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pickle interpreter
+# ---------------------------------------------------------------------------------------------
+
+_OPCODE_NAMES = {
+    0x80: "PROTO", 0x95: "FRAME", 0x2E: "STOP", 0x28: "MARK", 0x30: "POP", 0x31: "POP_MARK", 0x32: "DUP",
+    0x4A: "BININT", 0x4B: "BININT1", 0x4D: "BININT2", 0x8A: "LONG1", 0x8B: "LONG4", 0x47: "BINFLOAT",
+    0x4E: "NONE", 0x88: "NEWTRUE", 0x89: "NEWFALSE", 0x58: "BINUNICODE", 0x8C: "SHORT_BINUNICODE",
+    0x8D: "BINUNICODE8", 0x42: "BINBYTES", 0x43: "SHORT_BINBYTES", 0x8E: "BINBYTES8", 0x96: "BYTEARRAY8",
+    0x29: "EMPTY_TUPLE", 0x74: "TUPLE", 0x85: "TUPLE1", 0x86: "TUPLE2", 0x87: "TUPLE3", 0x5D: "EMPTY_LIST",
+    0x6C: "LIST", 0x61: "APPEND", 0x65: "APPENDS", 0x7D: "EMPTY_DICT", 0x64: "DICT", 0x73: "SETITEM",
+    0x75: "SETITEMS", 0x8F: "EMPTY_SET", 0x90: "ADDITEMS", 0x91: "FROZENSET", 0x68: "BINGET",
+    0x6A: "LONG_BINGET", 0x71: "BINPUT", 0x72: "LONG_BINPUT", 0x94: "MEMOIZE", 0x63: "GLOBAL",
+    0x93: "STACK_GLOBAL", 0x52: "REDUCE", 0x51: "BINPERSID", 0x62: "BUILD",
+    # refused
+    0x69: "INST", 0x6F: "OBJ", 0x81: "NEWOBJ", 0x92: "NEWOBJ_EX", 0x82: "EXT1", 0x83: "EXT2", 0x84: "EXT4",
+    0x50: "PERSID", 0x49: "INT", 0x4C: "LONG", 0x46: "FLOAT", 0x53: "STRING", 0x54: "BINSTRING",
+    0x55: "SHORT_BINSTRING", 0x56: "UNICODE", 0x67: "GET", 0x70: "PUT", 0x97: "NEXT_BUFFER",
+    0x98: "READONLY_BUFFER",
+}  # fmt: skip
+
+_I32 = struct.Struct("<i").unpack_from
+_U16 = struct.Struct("<H").unpack_from
+_U32 = struct.Struct("<I").unpack_from
+_U64 = struct.Struct("<Q").unpack_from
+_F64 = struct.Struct(">d").unpack_from
+
+
+class _StopError(Exception):
+    pass
+
+
+class _Unpickler:
+    """Runs one pickle of ``data[start:end]`` (bytes or an mmap), building only allow-listed objects."""
+
+    def __init__(
+        self,
+        data: Any,
+        start: int,
+        end: int,
+        path: Path,
+        persistent_load: Callable[[Any], Any] | None,
+    ) -> None:
+        self.data, self.pos, self.end, self.path = data, start, end, path
+        self.persistent_load = persistent_load
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.ops: list[Callable[[], None] | None] = [None] * 256
+        for code, name in _OPCODE_NAMES.items():
+            self.ops[code] = getattr(self, f"_op_{name.lower()}", None)
+
+    # -- errors -------------------------------------------------------------------------------
+    def fail(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.path} is not a valid PyTorch checkpoint: its pickle {what} (near byte {self.pos}). "
+            f"The file is truncated or corrupt; save it again.",
+            file=self.path,
+        )
+
+    def unsafe(self, what: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{self.path} asks to run code: its pickle {what} (near byte {self.pos}). jaxweights builds "
+            f"only tensors, containers and plain values; nothing was imported or run. If you trust the "
+            f"file, load it with torch and save its state_dict as safetensors.",
+            file=self.path,
+        )
+
+    def load(self) -> Any:
+        """Runs the pickle to its STOP; returns the object and leaves ``pos`` just past the STOP."""
+        ops, data = self.ops, self.data
+        try:
+            for _ in range(MAX_OBJECTS):
+                pos = self.pos
+                if pos >= self.end:
+                    raise self.fail("ends before its STOP opcode")
+                code = data[pos]
+                self.pos = pos + 1
+                op = ops[code]
+                if op is None:
+                    name = _OPCODE_NAMES.get(code)
+                    self.pos = pos
+                    if name is None:
+                        raise self.unsafe(f"has an unknown opcode 0x{code:02x}")
+                    raise self.unsafe(f"uses opcode {name}, which jaxweights does not run")
+                op()
+            raise self.fail(f"runs over {MAX_OBJECTS} opcodes")
+        except _StopError:
+            return self.stack.pop()
+        except WeightsError:
+            raise
+        except _BadArgumentsError as error:
+            raise self.fail(f"calls a rebuild function wrongly: {error}") from None
+        except (IndexError, KeyError, TypeError, ValueError, struct.error, RecursionError) as error:
+            raise self.fail(f"is malformed ({type(error).__name__}: {str(error)[:100]})") from None
+
+    def take(self, count: int) -> int:
+        """Consumes ``count`` bytes, checking they exist; returns where they start."""
+        pos = self.pos
+        if count < 0 or pos + count > self.end:
+            raise self.fail(f"needs {count} bytes but {self.end - pos} are left")
+        self.pos = pos + count
+        return pos
+
+    def pop_mark(self) -> list[Any]:
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def text(self, count: int) -> str:
+        if count > MAX_STRING:
+            raise self.fail(f"holds a {count}-byte string, over the {MAX_STRING}-byte limit")
+        pos = self.take(count)
+        return str(self.data[pos : pos + count], "utf-8")
+
+    def raw(self, count: int) -> bytes:
+        if count > MAX_STRING:
+            raise self.fail(f"holds {count} bytes, over the {MAX_STRING}-byte limit")
+        pos = self.take(count)
+        return bytes(self.data[pos : pos + count])
+
+    # -- framing and stack --------------------------------------------------------------------
+    def _op_proto(self) -> None:
+        version = self.data[self.take(1)]
+        if not 2 <= version <= 5:
+            raise self.fail(f"uses protocol {version}; torch.save writes protocols 2 to 5")
+
+    def _op_frame(self) -> None:
+        (length,) = _U64(self.data, self.take(8))  # frames only group opcodes; checked, not buffered
+        if length > self.end - self.pos:
+            raise self.fail(f"claims a frame of {length} bytes with {self.end - self.pos} left")
+
+    def _op_stop(self) -> None:
+        if len(self.stack) != 1 or self.metastack:
+            raise self.fail("stops with an unbalanced stack")
+        raise _StopError
+
+    def _op_mark(self) -> None:
+        if len(self.metastack) >= MAX_DEPTH:
+            raise self.fail(f"nests marks deeper than {MAX_DEPTH}")
+        self.metastack.append(self.stack)
+        self.stack = []
+
+    def _op_pop(self) -> None:
+        if self.stack:
+            self.stack.pop()
+        else:
+            self.pop_mark()
+
+    def _op_pop_mark(self) -> None:
+        self.pop_mark()
+
+    def _op_dup(self) -> None:
+        self.stack.append(self.stack[-1])
+
+    # -- numbers, strings, constants ----------------------------------------------------------
+    def _op_binint(self) -> None:
+        self.stack.append(_I32(self.data, self.take(4))[0])
+
+    def _op_binint1(self) -> None:
+        self.stack.append(self.data[self.take(1)])
+
+    def _op_binint2(self) -> None:
+        self.stack.append(_U16(self.data, self.take(2))[0])
+
+    def _op_long1(self) -> None:
+        count = self.data[self.take(1)]
+        pos = self.take(count)
+        self.stack.append(int.from_bytes(self.data[pos : pos + count], "little", signed=True))
+
+    def _op_long4(self) -> None:
+        count = _I32(self.data, self.take(4))[0]
+        if not 0 <= count <= 64:
+            raise self.fail(f"holds a {count}-byte integer; checkpoints hold at most 64-byte ones")
+        pos = self.take(count)
+        self.stack.append(int.from_bytes(self.data[pos : pos + count], "little", signed=True))
+
+    def _op_binfloat(self) -> None:
+        self.stack.append(_F64(self.data, self.take(8))[0])
+
+    def _op_none(self) -> None:
+        self.stack.append(None)
+
+    def _op_newtrue(self) -> None:
+        self.stack.append(True)
+
+    def _op_newfalse(self) -> None:
+        self.stack.append(False)
+
+    def _op_binunicode(self) -> None:
+        self.stack.append(self.text(_U32(self.data, self.take(4))[0]))
+
+    def _op_short_binunicode(self) -> None:
+        self.stack.append(self.text(self.data[self.take(1)]))
+
+    def _op_binunicode8(self) -> None:
+        self.stack.append(self.text(_U64(self.data, self.take(8))[0]))
+
+    def _op_binbytes(self) -> None:
+        self.stack.append(self.raw(_U32(self.data, self.take(4))[0]))
+
+    def _op_short_binbytes(self) -> None:
+        self.stack.append(self.raw(self.data[self.take(1)]))
+
+    def _op_binbytes8(self) -> None:
+        self.stack.append(self.raw(_U64(self.data, self.take(8))[0]))
+
+    def _op_bytearray8(self) -> None:
+        self.stack.append(bytearray(self.raw(_U64(self.data, self.take(8))[0])))
+
+    # -- containers -----------------------------------------------------------------------------
+    def _op_empty_tuple(self) -> None:
+        self.stack.append(())
+
+    def _op_tuple(self) -> None:
+        items = self.pop_mark()
+        self.stack.append(tuple(items))
+
+    def _op_tuple1(self) -> None:
+        self.stack[-1] = (self.stack[-1],)
+
+    def _op_tuple2(self) -> None:
+        stack = self.stack
+        second = stack.pop()
+        stack[-1] = (stack[-1], second)
+
+    def _op_tuple3(self) -> None:
+        stack = self.stack
+        third, second = stack.pop(), stack.pop()
+        stack[-1] = (stack[-1], second, third)
+
+    def _op_empty_list(self) -> None:
+        self.stack.append([])
+
+    def _op_list(self) -> None:
+        items = self.pop_mark()
+        self.stack.append(items)
+
+    def _op_append(self) -> None:
+        value = self.stack.pop()
+        target = self.stack[-1]
+        if type(target) is not list:
+            raise self.unsafe(f"uses APPEND on a {type(target).__name__}, not a list")
+        target.append(value)
+
+    def _op_appends(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not list:
+            raise self.unsafe(f"uses APPENDS on a {type(target).__name__}, not a list")
+        target.extend(items)
+
+    def _op_empty_dict(self) -> None:
+        self.stack.append({})
+
+    def _op_dict(self) -> None:
+        items = self.pop_mark()
+        self.stack.append(self._fill({}, items, "DICT"))
+
+    def _fill(self, target: Any, items: list[Any], op: str) -> Any:
+        if type(target) is not dict and type(target) is not _OrderedDict:
+            raise self.unsafe(f"uses {op} on a {type(target).__name__}, not a dict")
+        if len(items) % 2:
+            raise self.fail(f"gives {op} an odd number of items")
+        for i in range(0, len(items), 2):
+            target[_key(items[i])] = items[i + 1]
+        return target
+
+    def _op_setitem(self) -> None:
+        stack = self.stack
+        value, key = stack.pop(), stack.pop()
+        self._fill(stack[-1], [key, value], "SETITEM")
+
+    def _op_setitems(self) -> None:
+        items = self.pop_mark()
+        self._fill(self.stack[-1], items, "SETITEMS")
+
+    def _op_empty_set(self) -> None:
+        self.stack.append(set())
+
+    def _op_additems(self) -> None:
+        items = self.pop_mark()
+        target = self.stack[-1]
+        if type(target) is not set:
+            raise self.unsafe(f"uses ADDITEMS on a {type(target).__name__}, not a set")
+        target.update(_key(item) for item in items)
+
+    def _op_frozenset(self) -> None:
+        items = self.pop_mark()
+        self.stack.append(frozenset(_key(item) for item in items))
+
+    # -- memo -------------------------------------------------------------------------------------
+    def _get(self, index: int) -> None:
+        try:
+            self.stack.append(self.memo[index])
+        except KeyError:
+            raise self.fail(f"reads memo entry {index}, which was never stored") from None
+
+    def _op_binget(self) -> None:
+        self._get(self.data[self.take(1)])
+
+    def _op_long_binget(self) -> None:
+        self._get(_U32(self.data, self.take(4))[0])
+
+    def _op_binput(self) -> None:
+        self._put(self.data[self.take(1)])
+
+    def _op_long_binput(self) -> None:
+        self._put(_U32(self.data, self.take(4))[0])
+
+    def _put(self, index: int) -> None:
+        """Memo indices come in order (pickle writes ``len(memo)``); a jump far past them is hostile."""
+        if index > len(self.memo) + 1024:
+            raise self.fail(f"stores memo entry {index} while it holds {len(self.memo)}")
+        self.memo[index] = self.stack[-1]
+
+    def _op_memoize(self) -> None:
+        self.memo[len(self.memo)] = self.stack[-1]
+
+    # -- globals, calls, persistent ids -----------------------------------------------------------
+    def _resolve(self, module: Any, name: Any) -> Any:
+        found = ALLOWED_GLOBALS.get((module, name)) if type(module) is type(name) is str else None
+        if found is None:
+            shown = f"{module}.{name}" if type(module) is type(name) is str else "a non-string global"
+            raise self.unsafe(f"names the global {shown[:200]!r}, which is not on the allow-list")
+        return found
+
+    def _line(self) -> str:
+        end = min(self.end, self.pos + 256)
+        found = self.data.find(b"\n", self.pos, end)
+        if found < 0:
+            raise self.fail("has a GLOBAL without a line end")
+        text = str(self.data[self.pos : found], "utf-8")
+        self.pos = found + 1
+        return text
+
+    def _op_global(self) -> None:
+        module = self._line()
+        self.stack.append(self._resolve(module, self._line()))
+
+    def _op_stack_global(self) -> None:
+        name = self.stack.pop()
+        self.stack[-1] = self._resolve(self.stack[-1], name)
+
+    def _op_reduce(self) -> None:
+        stack = self.stack
+        args = stack.pop()
+        func = stack[-1]
+        if type(func) is not _Global or func.build is None:
+            shown = func.name if isinstance(func, (_StorageType, _TorchDType)) else type(func).__name__
+            raise self.unsafe(f"uses REDUCE to call {shown!r}, which is not an allow-listed function")
+        if type(args) is not tuple:
+            raise self.fail(f"calls {func.name} with {type(args).__name__} arguments, not a tuple")
+        stack[-1] = func.build(args)
+
+    def _op_binpersid(self) -> None:
+        if self.persistent_load is None:
+            raise self.unsafe("uses a persistent id where no storage can be")
+        self.stack[-1] = self.persistent_load(self.stack[-1])
+
+    def _op_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if type(target) is not _OrderedDict or type(state) not in (dict, _OrderedDict):
+            raise self.unsafe(
+                f"uses BUILD on a {type(target).__name__}; only a state dict's attributes may be set"
+            )
+        target.attributes = state
+
+
+# ---------------------------------------------------------------------------------------------
+# The two layouts: zip archive and legacy stream
+# ---------------------------------------------------------------------------------------------
+
+
+class _Storages:
+    """The storages a pickle's persistent ids declare, one per key (shared storages are read once)."""
+
+    def __init__(self, path: Path, legacy: bool) -> None:
+        self.path, self.legacy = path, legacy
+        self.by_key: dict[str, _Storage] = {}
+
+    def load(self, pid: Any) -> _Storage:
+        path = self.path
+        size = 6 if self.legacy else 5
+        if type(pid) is not tuple or len(pid) != size or pid[0] != "storage":
+            raise UnsafeCheckpointError(
+                f"{path} holds a persistent id that is not a storage reference ({type(pid).__name__} of "
+                f"{len(pid) if type(pid) is tuple else '?'} items); nothing was imported or run.",
+                file=path,
+            )
+        _, kind, key, _location, numel = pid[:5]
+        if type(kind) is not _StorageType or type(key) is not str or type(numel) is not int or numel < 0:
+            raise CheckpointError(
+                f"{path} holds a malformed storage reference (type, key, location, size); save it again.",
+                file=path,
+            )
+        if not key or "/" in key or "\\" in key or key in (".", "..") or "\0" in key:
+            raise UnsafeCheckpointError(
+                f"{path} holds a storage reference to {key!r}, which is not a plain name inside the "
+                f"archive's data/ folder (a path traversal); nothing was read from it.",
+                file=path,
+            )
+        if self.legacy and pid[5] is not None:
+            raise UnsupportedFormatError(
+                f"{path} holds storage views (torch < 0.4); load it with torch and save it again.", file=path
+            )
+        found = self.by_key.get(key)
+        if found is None:
+            found = self.by_key[key] = _Storage(key, kind, numel)
+        elif found.kind != kind or found.numel != numel:
+            raise CheckpointError(
+                f"{path} declares storage {key!r} twice with different types or sizes "
+                f"({found.kind.name} x {found.numel}, {kind.name} x {numel}).",
+                file=path,
+            )
+        return found
+
+
+def _is_tar(data: Any, size: int) -> bool:
+    return size >= 262 and data[257:262] == b"ustar"
+
+
+def _open_map(path: Path) -> tuple[mmap.mmap, int]:
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise UnsupportedFormatError(f"{path} is not a PyTorch checkpoint (it is empty).", file=path)
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), size
+
+
+def _local_data_offset(data: Any, size: int, info: zipfile.ZipInfo, path: Path) -> int:
+    """Where a stored member's bytes start: after its local header (30 bytes, name, extra field)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+        raise UnsafeCheckpointError(
+            f"{path}: archive member {info.filename} is compressed or encrypted; torch.save stores "
+            f"members uncompressed, and jaxweights refuses others (a zip bomb could hide there). "
+            f"Re-save the checkpoint with torch.save.",
+            file=path,
+        )
+    header = info.header_offset
+    if header < 0 or header + 30 > size or data[header : header + 4] != _ZIP_MAGIC:
+        raise CheckpointError(
+            f"{path}: archive member {info.filename} has no local header at byte {header}; the file is "
+            f"truncated or corrupt.",
+            file=path,
+        )
+    name_len, extra_len = struct.unpack_from("<HH", data, header + 26)
+    start: int = header + 30 + name_len + extra_len
+    if start + info.file_size > size or info.compress_size != info.file_size:
+        raise CheckpointError(
+            f"{path}: archive member {info.filename} claims {info.file_size} bytes at byte {start}, "
+            f"past the file's end ({size} bytes). The file is truncated; save or download it again.",
+            file=path,
+        )
+    return start
+
+
+def _read_zip(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Storage], str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise CheckpointError(
+            f"{path} is not a valid PyTorch checkpoint: its zip directory cannot be read ({error}). The "
+            f"file is truncated or corrupt; save or download it again.",
+            file=path,
+        ) from None
+    pickles = sorted(name for name in members if name.endswith("/data.pkl") and name.count("/") == 1)
+    if len(pickles) != 1:
+        found = "no" if not pickles else f"{len(pickles)}"
+        raise UnsupportedFormatError(
+            f"{path} is a zip archive with {found} '<name>/data.pkl' member(s); it is not a checkpoint "
+            f"written by torch.save.",
+            file=path,
+        )
+    prefix = pickles[0][: -len("/data.pkl")]
+    if f"{prefix}/constants.pkl" in members or any(name.startswith(f"{prefix}/code/") for name in members):
+        raise UnsupportedFormatError(
+            f"{path} is a TorchScript archive (torch.jit.save), which holds code. jaxweights reads "
+            f"torch.save checkpoints only: load it with torch.jit.load and torch.save its state_dict().",
+            file=path,
+        )
+    byteorder = "<"
+    order = members.get(f"{prefix}/byteorder")
+    if order is not None:
+        start = _local_data_offset(data, size, order, path)
+        text = bytes(data[start : start + min(order.file_size, 16)])
+        if text not in (b"little", b"big"):
+            raise CheckpointError(f"{path} has byteorder {text[:16]!r}; expected little or big.", file=path)
+        byteorder = "<" if text == b"little" else ">"
+    info = members[pickles[0]]
+    start = _local_data_offset(data, size, info, path)
+    storages = _Storages(path, legacy=False)
+    root = _Unpickler(data, start, start + info.file_size, path, storages.load).load()
+    for key, storage in storages.by_key.items():
+        member = members.get(f"{prefix}/data/{key}")
+        if member is None:
+            raise CheckpointError(
+                f"{path} has no storage {key!r} ({prefix}/data/{key}) that its pickle refers to. The "
+                f"archive is incomplete; save it again.",
+                file=path,
+            )
+        storage.start = _local_data_offset(data, size, member, path)
+        if member.file_size != storage.nbytes:
+            tensor = _first_user(root, key, path)
+            raise CheckpointError(
+                f"{path}: storage {key!r} (of tensor {tensor!r}) holds {member.file_size} bytes, but the "
+                f"pickle declares {storage.numel} x {storage.kind.name} ({storage.nbytes} bytes). The "
+                f"archive is corrupt; save it again.",
+                file=path,
+                tensor=tensor,
+            )
+    return root, storages.by_key, byteorder
+
+
+def _first_user(root: Any, key: str, path: Path) -> str | None:
+    """The name of the first tensor viewing storage ``key`` (for error messages)."""
+    try:
+        for name, value in _walk(root, path):
+            if type(value) is _Tensor and value.storage.key == key:
+                return name
+    except CheckpointError:
+        pass
+    return None
+
+
+def _read_legacy(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Storage], str]:
+    def plain(position: int, what: str) -> tuple[Any, int]:
+        if position >= size or data[position] != 0x80:
+            raise CheckpointError(
+                f"{path} is not a valid legacy PyTorch checkpoint: {what} is missing.", file=path
+            )
+        unpickler = _Unpickler(data, position, size, path, None)
+        return unpickler.load(), unpickler.pos
+
+    magic, pos = plain(0, "the magic number")
+    if magic != LEGACY_MAGIC:
+        raise UnsupportedFormatError(
+            f"{path} is a pickle, not a torch.save checkpoint (no PyTorch magic number). jaxweights "
+            f"reads torch.save files only.",
+            file=path,
+        )
+    protocol, pos = plain(pos, "the protocol version")
+    if protocol != LEGACY_PROTOCOL:
+        raise UnsupportedFormatError(
+            f"{path} is a legacy PyTorch checkpoint of protocol {protocol!r}; jaxweights reads "
+            f"{LEGACY_PROTOCOL}. Load it with torch and save it again.",
+            file=path,
+        )
+    sys_info, pos = plain(pos, "the system information")
+    if type(sys_info) is not dict or type(sys_info.get("little_endian")) is not bool:
+        raise CheckpointError(
+            f"{path}: its system information is not a dict saying little_endian.", file=path
+        )
+    byteorder = "<" if sys_info["little_endian"] else ">"
+    storages = _Storages(path, legacy=True)
+    unpickler = _Unpickler(data, pos, size, path, storages.load)
+    root = unpickler.load()
+    keys, pos = plain(unpickler.pos, "the list of storage keys")
+    if (
+        type(keys) is not list
+        or sorted(map(str, keys)) != sorted(storages.by_key)
+        or len(keys) != len(storages.by_key)
+    ):
+        raise CheckpointError(
+            f"{path}: its list of storage keys does not match the storages its pickle declares. The file "
+            f"is corrupt; save it again.",
+            file=path,
+        )
+    count_format = "<Q" if byteorder == "<" else ">Q"
+    for key in keys:
+        storage = storages.by_key[key]
+        if pos + 8 > size:
+            raise CheckpointError(
+                f"{path} ends before storage {key!r} (truncated); download it again.", file=path
+            )
+        (count,) = struct.unpack_from(count_format, data, pos)
+        if count != storage.numel:
+            raise CheckpointError(
+                f"{path}: storage {key!r} holds {count} elements, but the pickle declares {storage.numel}.",
+                file=path,
+            )
+        storage.start = pos + 8
+        pos = storage.start + storage.nbytes
+        if pos > size:
+            raise CheckpointError(
+                f"{path} ends inside storage {key!r} ({pos} bytes needed, {size} present). The file is "
+                f"truncated; download it again.",
+                file=path,
+            )
+    return root, storages.by_key, byteorder
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and names
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor_info(path: Path, name: str, tensor: _Tensor, byteorder: str) -> TensorInfo:
+    storage = tensor.storage
+    dtype = tensor.dtype
+    if dtype is None:
+        raise DTypeError(
+            f"Tensor {name!r} in {path} has element type {tensor.dtype_name}, which jaxweights cannot "
+            f"represent (complex128, quantized and 4-bit packed torch types are not supported). Convert it "
+            f"with torch (e.g. to complex64) before loading.",
+            file=path,
+            tensor=name,
+        )
+    shape, strides, offset = tensor.shape, tensor.strides, tensor.offset
+    itemsize = dtype.size_in_bytes
+    if len(strides) != len(shape) or any(d < 0 for d in shape) or any(s < 0 for s in strides) or offset < 0:
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} has size {shape}, stride {strides} and offset {offset}, which no "
+            f"tensor can have. The file is corrupt.",
+            file=path,
+            tensor=name,
+        )
+    count = element_count(shape)
+    span = 0 if count == 0 else 1 + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+    if (offset + span) * itemsize > storage.nbytes:
+        raise CheckpointError(
+            f"Tensor {name!r} in {path} views elements {offset} to {offset + span} of storage "
+            f"{storage.key!r}, which holds {storage.nbytes // itemsize} {dtype.name} elements. The file is "
+            f"corrupt.",
+            file=path,
+            tensor=name,
+        )
+    start = storage.start + offset * itemsize
+    contiguous = all(d <= 1 or a == b for d, a, b in zip(shape, strides, c_strides(shape, 1), strict=True))
+    if contiguous:
+        return TensorInfo(name, dtype, shape, path, start, start + count * itemsize, None, byteorder)
+    return TensorInfo(name, dtype, shape, path, start, start + span * itemsize, None, byteorder, strides)
+
+
+def _is_leaf(value: Any) -> bool:
+    return value is None or type(value) in (str, int, float, bool)
+
+
+def _walk(root: Any, path: Path) -> Iterator[tuple[str, Any]]:
+    """``(dotted name, tensor or plain value)`` for every leaf under ``root``, in the pickle's order."""
+    todo: list[tuple[str, Any, int]] = [("", root, 0)]
+    visited = 0
+    while todo:
+        name, value, depth = todo.pop()
+        visited += 1
+        if visited > MAX_LEAVES or depth > MAX_DEPTH:
+            raise CheckpointError(
+                f"{path} nests its objects deeper than {MAX_DEPTH} or names more than {MAX_LEAVES} "
+                f"objects (counting shared ones again); it is not a checkpoint torch.save would write.",
+                file=path,
+            )
+        if type(value) is _Tensor or _is_leaf(value):
+            yield name, value
+            continue
+        if type(value) is _TorchDType:
+            yield name, f"torch.{value.name}"
+            continue
+        if isinstance(value, dict):
+            children = [(f"{name}.{k}" if name else str(k), v) for k, v in value.items()]
+        elif type(value) in (list, tuple):
+            children = [(f"{name}.{i}" if name else str(i), v) for i, v in enumerate(value)]
+        else:
+            continue  # bytes, sets, storages on their own: neither tensors nor metadata
+        todo.extend((child, v, depth + 1) for child, v in reversed(children))
+
+
+def read_torch(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int]:
+    """Parses and validates one ``torch.save`` file without reading a storage byte.
+
+    Returns:
+        The tensors in the pickle's order, the non-tensor leaves by dotted name, and the file size.
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global off the allow-list or an opcode that builds
+            arbitrary objects; nothing it names was imported or run.
+        UnsupportedFormatError: a TorchScript archive, the old tar format, compressed members.
+        CheckpointError: the file is truncated or malformed.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "tiny.pt"
+        >>> _ = path.write_bytes(b"\\x80\\x02cos\\nsystem\\n.")  # a pickle that would call os.system
+        >>> read_torch(path)
+        Traceback (most recent call last):
+        jaxweights.errors.UnsafeCheckpointError: ... names the global 'os.system', which is not on the allow-list ...
+    """
+    data, size = _open_map(path)
+    try:
+        if _is_tar(data, size):
+            raise UnsupportedFormatError(
+                f"{path} is in PyTorch's old tar format (torch < 0.4), which jaxweights does not read. "
+                f"Load it with torch and save it again.",
+                file=path,
+            )
+        if data[:4] == _ZIP_MAGIC:
+            root, storages, byteorder = _read_zip(path, data, size)
+        elif data[0] == 0x80:
+            root, storages, byteorder = _read_legacy(path, data, size)
+        else:
+            raise UnsupportedFormatError(
+                f"{path} is not a PyTorch checkpoint (it starts with {bytes(data[:8])!r}).", file=path
+            )
+    finally:
+        data.close()
+    if any(storage.start < 0 for storage in storages.values()):  # pragma: no cover - located above
+        raise CheckpointError(f"{path} has a storage that could not be located.", file=path)
+    tensors: list[TensorInfo] = []
+    metadata: dict[str, Any] = {}
+    for name, value in _walk(root, path):
+        if type(value) is _Tensor:
+            tensors.append(_tensor_info(path, name, value, byteorder))
+        else:
+            metadata[name] = value
+    return tensors, metadata, size
+
+
+# ---------------------------------------------------------------------------------------------
+# Several files, the index, the plug-in
+# ---------------------------------------------------------------------------------------------
+
+
+def open_torch(paths: Sequence[Path]) -> Checkpoint:
+    """Opens ``torch.save`` files and ``pytorch_model.bin.index.json`` indexes as one `Checkpoint`.
+
+    Raises:
+        DuplicateTensorError: a name appears in two files and no index says which holds it.
+        CheckpointNotFoundError: an index names a file that does not exist.
+        UnsafeCheckpointError, UnsupportedFormatError, CheckpointError: see `read_torch`.
+    """
+    from .safetensors import _gc_paused, _read_index  # one home for index parsing
+
+    with _gc_paused():
+        files: list[Path] = []
+        owner: dict[str, Path] = {}
+        metadata: dict[str, Any] = {}
+        for path in paths:
+            if path.name.endswith(".json"):
+                weight_map, index_metadata = _read_index(path)
+                for name, file in weight_map.items():
+                    owner[name] = file
+                    if file not in files:
+                        if not file.is_file():
+                            raise CheckpointNotFoundError(
+                                f"{path} maps tensor {name!r} to {file.name}, which does not exist in "
+                                f"{file.parent}. Download the missing shard.",
+                                file=file,
+                                tensor=name,
+                            )
+                        files.append(file)
+                metadata.update(index_metadata)
+            elif path not in files:
+                files.append(path)
+        tensors: dict[str, TensorInfo] = {}
+        file_metadata: dict[Path, dict[str, Any]] = {}
+        file_sizes: dict[Path, int] = {}
+        for file in files:
+            infos, file_meta, file_sizes[file] = read_torch(file)
+            file_metadata[file] = file_meta
+            for key, value in file_meta.items():
+                metadata.setdefault(key, value)
+            for info in infos:
+                claimed = owner.get(info.name)
+                if claimed is not None and claimed != file:
+                    continue
+                if info.name in tensors and claimed is None:
+                    raise DuplicateTensorError(
+                        f"Tensor {info.name!r} is in both {tensors[info.name].file} and {file}, and no "
+                        f"index.json says which to use. Remove one file, or load through the index.",
+                        file=file,
+                        tensor=info.name,
+                    )
+                tensors[info.name] = info
+        for name, file in owner.items():
+            if name not in tensors:
+                raise CheckpointError(
+                    f"The index maps tensor {name!r} to {file}, but that file has no such tensor. The "
+                    f"index and shards come from different saves; download them again.",
+                    file=file,
+                    tensor=name,
+                )
+    return Checkpoint(
+        WeightsFormat.pytorch,
+        tensors,
+        files,
+        metadata=metadata,
+        file_metadata=file_metadata,
+        file_sizes=file_sizes,
+        sources=tuple(paths),
+    )
+
+
+def _legacy_head(head: bytes) -> bool:
+    """A pickle (protocol 2 to 5) whose first object is the legacy magic number, as far as ``head`` shows;
+    a safetensors header length of 0x280 also starts with b"\\x80\\x02", but not with the magic."""
+    if len(head) < 4 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    rest = head[11:] if head[2:3] == b"\x95" else head[2:]  # skip a protocol-4 FRAME
+    expected = b"\x8a\x0a" + LEGACY_MAGIC.to_bytes(10, "little")
+    shown = min(len(rest), len(expected))
+    return shown >= 2 and rest[:shown] == expected[:shown]
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """True for a ``torch.save`` zip archive, a legacy pickle (protocol 2 to 5), the old tar format, or
+    a JSON index named ``*.bin.index.json``.
+
+    Example:
+        >>> sniff(b"PK\\x03\\x04", Path("m.pt")), sniff(b"\\x80\\x02\\x8a\\x0a", Path("m.bin")), sniff(b"{", Path("m.json"))
+        (True, True, False)
+    """
+    if head[:4] == _ZIP_MAGIC or _legacy_head(head):
+        return True
+    if head.startswith(_TAR_NAMES):
+        return True
+    return path.name.endswith(INDEX_SUFFIXES) and head.lstrip()[:1] == b"{"
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """``pytorch_model.bin.index.json`` (or the one ``*.bin.index.json``) in a folder, else its
+    ``*.bin``, ``*.pt`` and ``*.pth`` files, sorted."""
+    indexes = sorted(path for path in folder.iterdir() if path.name.endswith(INDEX_SUFFIXES))
+    if folder / INDEX_NAME in indexes:
+        return [folder / INDEX_NAME]
+    if len(indexes) == 1:
+        return indexes
+    if len(indexes) > 1:
+        raise UnsupportedFormatError(
+            f"{folder} holds several indexes ({', '.join(p.name for p in indexes)}); pass the one you "
+            f"want to load.",
+            file=folder,
+        )
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".bin", ".pt", ".pth")) and p.is_file())
+
+
+PLUGIN = FormatPlugin(
+    name=WeightsFormat.pytorch,
+    title="PyTorch",
+    suffixes=(".bin", ".pt", ".pth", ".bin.index.json"),
+    sniff=sniff,
+    expand=weight_files,
+    open=open_torch,
+)
