@@ -3,7 +3,7 @@
 Every method runs in a fresh process, methods interleaved round by round, page cache warm. Two
 checkpoints written by ``torch.save``: a 5,000-tensor state dict of small tensors, and a ~1 GB one.
 
-- jaxweights: ``load_weights(path)`` and ``allocate()`` of every tensor (a `jax.Array` on ``cpu:0``).
+- jaxweights: ``load_weights(path).allocate_all()``: every tensor a `jax.Array` on ``cpu:0``, ready.
 - ``torch.load(path, weights_only=True)``: every tensor read into memory.
 - ``torch.load(path, mmap=True, weights_only=True)``: every tensor a view of the mapped file.
 
@@ -47,10 +47,7 @@ with open("/proc/self/clear_refs", "w") as f:
 base = rss_kib("VmRSS")
 start = time.perf_counter()
 if method == "jaxweights":
-    weights = jw.load_weights(path)
-    arrays = [acc.allocate().array for _, acc in weights.items()]
-    for array in arrays:
-        array.block_until_ready()
+    arrays = jw.load_weights(path).allocate_all()
     count = len(arrays)
 elif method == "torch":
     count = len(torch.load(path, weights_only=True))

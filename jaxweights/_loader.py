@@ -20,7 +20,7 @@ from jax.sharding import Sharding
 
 from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
-from ._placement import blocks_of, place, plan_for
+from ._placement import blocks_of, place, place_many, plan_for
 from ._progress import Progress
 from .formats import Checkpoint, TensorInfo
 
@@ -99,15 +99,14 @@ def load_all(
     budget = _Budget(max(1, max_inflight_bytes))
     failed = threading.Event()
 
-    def run(job: Job, wait: bool = True) -> jax.Array:
+    def run(job: Job) -> jax.Array:
         nbytes = planned_bytes(job.info, job.sharding)
         budget.acquire(nbytes)
         try:
             if failed.is_set():
                 raise _CancelledError
             array = place(checkpoint, job.info, job.dtype, job.sharding, checked=True)
-            if wait:
-                array.block_until_ready()
+            array.block_until_ready()
         except BaseException:
             failed.set()
             raise
@@ -120,11 +119,13 @@ def load_all(
     results: dict[str, jax.Array] = {}
     if workers is None:
         workers = 1 if all(is_cpu_only(job.sharding) for job in jobs) else _accelerator_workers()
-    if workers <= 1:  # CPU targets: XLA's own copies overlap one tensor with the next; wait once, at the end
-        for job in jobs:
-            results[job.info.name] = run(job, wait=False)
-        for array in results.values():
+    if workers <= 1:  # CPU targets: placed in batches; XLA's own copies overlap; wait once, at the end
+        arrays = place_many(checkpoint, [(job.info, job.dtype, job.sharding) for job in jobs])
+        for job, array in zip(jobs, arrays, strict=True):
             array.block_until_ready()
+            results[job.info.name] = array
+            if progress is not None:
+                progress.advance(job.nbytes)
         return results
     with ThreadPoolExecutor(min(workers, max(1, len(jobs))), thread_name_prefix="jaxweights-load") as pool:
         futures: list[tuple[str, Future[jax.Array]]] = [

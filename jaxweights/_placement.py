@@ -20,7 +20,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 from pathlib import Path
@@ -201,6 +201,46 @@ def _place(
         converted: jax.Array = _converter(dtype.value)(array)
         return converted
     return array
+
+
+def place_many(
+    checkpoint: Checkpoint, requests: Sequence[tuple[TensorInfo, DType, Sharding]]
+) -> list[jax.Array]:
+    """`place` for many tensors at once, in order, their shardings already checked.
+
+    Plain tensors kept in their stored dtype on one CPU device (the bulk of most checkpoints) are handed
+    to one `jax.device_put` per device: views of the file that XLA aliases (64-byte aligned) or copies
+    on its threads, at about half the per-tensor cost of one call each (5,000 small tensors). Every
+    other tensor goes through `place`.
+    """
+    arrays: list[jax.Array | None] = [None] * len(requests)
+    batches: dict[Sharding, list[int]] = {}
+    for position, (info, dtype, sharding) in enumerate(requests):
+        if _batchable(info, dtype, sharding):
+            batches.setdefault(sharding, []).append(position)
+        else:
+            arrays[position] = place(checkpoint, info, dtype, sharding, checked=True)
+    for sharding, positions in batches.items():
+        infos = [requests[position][0] for position in positions]
+        placed = jax.device_put([checkpoint.view(info) for info in infos], sharding)
+        for position, info, array in zip(positions, infos, placed, strict=True):
+            arrays[position] = array
+            if _copied_by_xla(info):
+                checkpoint.note_copied(info.nbytes)
+                _releaser().submit(checkpoint, info, array)
+    return [array for array in arrays if array is not None]
+
+
+def _batchable(info: TensorInfo, dtype: DType, sharding: Sharding) -> bool:
+    return (
+        dtype is info.dtype
+        and info.encoding is None
+        and not info.dtype.is_packed
+        and not info.swapped
+        and info.contiguous
+        and len(sharding.device_set) == 1
+        and is_cpu_only(sharding)
+    )
 
 
 def blocks_of(info: TensorInfo) -> TensorInfo:
