@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_minilm.py
 	$(PY) benchmarks/bench_gguf.py
 	$(PY) benchmarks/bench_dequant.py
+	$(PY) benchmarks/bench_torch.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache
