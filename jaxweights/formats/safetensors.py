@@ -12,13 +12,12 @@ the data section that do not overlap and whose length equals shape x dtype. Neve
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -30,11 +29,10 @@ from .._shapes import element_count
 from ..errors import (
     ArgumentError,
     CheckpointError,
-    CheckpointNotFoundError,
-    DuplicateTensorError,
     UnsupportedFormatError,
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat, first_overlap
+from ._index import DuplicateKeyError, gc_paused, open_files, reject_duplicate_keys
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
@@ -66,22 +64,6 @@ def _hint_close(path: Path) -> str:
     return f"{path} is not a valid safetensors file"
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return result
-
-
-class _DuplicateKeyError(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
 def _parse_header(text: str) -> Any:
     """JSON-decodes a header, rejecting duplicate keys.
 
@@ -102,7 +84,7 @@ def _parse_header(text: str) -> Any:
         named = text.count('"dtype"') + text.count('"shape"') + text.count('"data_offsets"')
         if named == found and text.count('"data_offsets"') == entries:
             return header
-    return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    return json.loads(text, object_pairs_hook=reject_duplicate_keys)
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
@@ -149,7 +131,7 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
         ) from error
     try:
         header = _parse_header(text)
-    except _DuplicateKeyError as error:
+    except DuplicateKeyError as error:
         raise CheckpointError(
             f"{_hint_close(path)}: its header names {error.key!r} twice; readers would disagree on "
             f"which entry wins. Re-save the file.",
@@ -254,62 +236,6 @@ def _check_overlaps(path: Path, tensors: list[TensorInfo]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_index(index_path: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    try:
-        index = json.loads(index_path.read_bytes().decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except _DuplicateKeyError as error:
-        raise CheckpointError(
-            f"{index_path} names {error.key!r} twice; readers would disagree on which entry wins.",
-            file=index_path,
-            tensor=error.key,
-        ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CheckpointError(f"{index_path} is not a valid JSON index ({error}).", file=index_path) from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise CheckpointError(
-            f"{index_path} has no 'weight_map' object mapping tensor names to file names.",
-            file=index_path,
-        )
-    folder = index_path.parent
-    resolved: dict[str, Path] = {}
-    for name, file_name in weight_map.items():
-        relative = PurePosixPath(file_name.replace("\\", "/"))
-        if (
-            not file_name
-            or relative.is_absolute()
-            or ".." in relative.parts
-            or (len(file_name) > 1 and file_name[1] == ":")
-        ):
-            raise CheckpointError(
-                f"{index_path} maps tensor {name!r} to {file_name!r}, which is outside the index's "
-                f"folder. Index entries must be file names relative to {folder}.",
-                file=index_path,
-                tensor=name,
-            )
-        resolved[name] = folder.joinpath(*relative.parts)
-    metadata = index.get("metadata")
-    return resolved, metadata if isinstance(metadata, dict) else {}
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pauses the cyclic garbage collector while a header's objects are built.
-
-    A 10,000-tensor header makes tens of thousands of containers; with jax loaded, the collections they
-    trigger scan jax's own objects and cost 4-5x the parse itself. The objects built here hold no cycles.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def open_safetensors(paths: Sequence[Path]) -> Checkpoint:
     """Builds one catalogue over safetensors files and ``*.safetensors.index.json`` indexes.
 
@@ -318,75 +244,8 @@ def open_safetensors(paths: Sequence[Path]) -> Checkpoint:
         CheckpointNotFoundError: an index names a file that does not exist.
         CheckpointError: any file is malformed.
     """
-    with _gc_paused():
-        return _open_safetensors(paths)
-
-
-def _open_safetensors(paths: Sequence[Path]) -> Checkpoint:
-    files: list[Path] = []
-    owner: dict[str, Path] = {}  # what an index says holds each name
-    metadata: dict[str, Any] = {}
-    for path in paths:
-        if path.name.endswith(".json"):
-            weight_map, index_metadata = _read_index(path)
-            for name, file in weight_map.items():
-                if name in owner and owner[name] != file:
-                    raise DuplicateTensorError(
-                        f"Two indexes disagree on tensor {name!r}: {owner[name]} and {file}.",
-                        file=path,
-                        tensor=name,
-                    )
-                owner[name] = file
-                if file not in files:
-                    if not file.is_file():
-                        raise CheckpointNotFoundError(
-                            f"{path} maps tensor {name!r} to {file.name}, which does not exist in "
-                            f"{file.parent}. Download the missing shard.",
-                            file=file,
-                            tensor=name,
-                        )
-                    files.append(file)
-            metadata.update(index_metadata)
-        elif path not in files:
-            files.append(path)
-
-    tensors: dict[str, TensorInfo] = {}
-    file_metadata: dict[Path, dict[str, str]] = {}
-    file_sizes: dict[Path, int] = {}
-    for file in files:
-        infos, file_meta, file_sizes[file] = read_header(file)
-        file_metadata[file] = file_meta
-        for key, value in file_meta.items():
-            metadata.setdefault(key, value)
-        for info in infos:
-            claimed = owner.get(info.name)
-            if claimed is not None and claimed != file:
-                continue  # the index says another file holds this name
-            if info.name in tensors and claimed is None:
-                raise DuplicateTensorError(
-                    f"Tensor {info.name!r} is in both {tensors[info.name].file} and {file}, and no "
-                    f"index.json says which to use. Remove one file, or load through the index.",
-                    file=file,
-                    tensor=info.name,
-                )
-            tensors[info.name] = info
-    for name, file in owner.items():
-        if name not in tensors:
-            raise CheckpointError(
-                f"The index maps tensor {name!r} to {file}, but that file has no such tensor. The "
-                f"index and shards come from different saves; download them again.",
-                file=file,
-                tensor=name,
-            )
-    return Checkpoint(
-        WeightsFormat.safetensors,
-        tensors,
-        files,
-        metadata=metadata,
-        file_metadata=file_metadata,
-        file_sizes=file_sizes,
-        sources=tuple(paths),
-    )
+    with gc_paused():
+        return open_files(paths, WeightsFormat.safetensors, read_header)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,14 +32,13 @@ from .._dtypes import DType
 from .._shapes import c_strides, element_count
 from ..errors import (
     CheckpointError,
-    CheckpointNotFoundError,
     DTypeError,
-    DuplicateTensorError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
     WeightsError,
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._index import gc_paused, open_files
 from ._plugin import FormatPlugin
 
 __all__ = [
@@ -1016,66 +1015,8 @@ def open_torch(paths: Sequence[Path]) -> Checkpoint:
         CheckpointNotFoundError: an index names a file that does not exist.
         UnsafeCheckpointError, UnsupportedFormatError, CheckpointError: see `read_torch`.
     """
-    from .safetensors import _gc_paused, _read_index  # one home for index parsing
-
-    with _gc_paused():
-        files: list[Path] = []
-        owner: dict[str, Path] = {}
-        metadata: dict[str, Any] = {}
-        for path in paths:
-            if path.name.endswith(".json"):
-                weight_map, index_metadata = _read_index(path)
-                for name, file in weight_map.items():
-                    owner[name] = file
-                    if file not in files:
-                        if not file.is_file():
-                            raise CheckpointNotFoundError(
-                                f"{path} maps tensor {name!r} to {file.name}, which does not exist in "
-                                f"{file.parent}. Download the missing shard.",
-                                file=file,
-                                tensor=name,
-                            )
-                        files.append(file)
-                metadata.update(index_metadata)
-            elif path not in files:
-                files.append(path)
-        tensors: dict[str, TensorInfo] = {}
-        file_metadata: dict[Path, dict[str, Any]] = {}
-        file_sizes: dict[Path, int] = {}
-        for file in files:
-            infos, file_meta, file_sizes[file] = read_torch(file)
-            file_metadata[file] = file_meta
-            for key, value in file_meta.items():
-                metadata.setdefault(key, value)
-            for info in infos:
-                claimed = owner.get(info.name)
-                if claimed is not None and claimed != file:
-                    continue
-                if info.name in tensors and claimed is None:
-                    raise DuplicateTensorError(
-                        f"Tensor {info.name!r} is in both {tensors[info.name].file} and {file}, and no "
-                        f"index.json says which to use. Remove one file, or load through the index.",
-                        file=file,
-                        tensor=info.name,
-                    )
-                tensors[info.name] = info
-        for name, file in owner.items():
-            if name not in tensors:
-                raise CheckpointError(
-                    f"The index maps tensor {name!r} to {file}, but that file has no such tensor. The "
-                    f"index and shards come from different saves; download them again.",
-                    file=file,
-                    tensor=name,
-                )
-    return Checkpoint(
-        WeightsFormat.pytorch,
-        tensors,
-        files,
-        metadata=metadata,
-        file_metadata=file_metadata,
-        file_sizes=file_sizes,
-        sources=tuple(paths),
-    )
+    with gc_paused():
+        return open_files(paths, WeightsFormat.pytorch, read_torch)
 
 
 def _legacy_head(head: bytes) -> bool:
