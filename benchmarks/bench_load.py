@@ -1,7 +1,8 @@
 """Load a ~1.3 GB float32 transformer-like checkpoint to CPU: jaxweights against its peers.
 
 Every method runs in a fresh process, methods interleaved round by round, page cache warm. Each process
-allocates every tensor on cpu:0 and blocks until ready. Reported: median wall time, peak RSS growth over
+allocates every tensor on cpu:0 (one ``allocate()`` at a time, or one ``allocate_all()``) and blocks until
+ready. Reported: median wall time, peak RSS growth over
 the process's baseline (VmHWM after resetting it) as a multiple of the file size, and what the process
 holds once loaded: anonymous memory (RssAnon, the arrays) and mapped file pages (RssFile), both as
 multiples of the file size.
@@ -47,6 +48,8 @@ start = time.perf_counter()
 if method == "jaxweights":
     weights = jw.load_weights(path)
     arrays = [acc.allocate().array for _, acc in weights.items()]
+elif method == "jaxweights_all":
+    arrays = list(jw.load_weights(path).allocate_all().values())
 elif method == "flax":
     arrays = list(load_file(path).values())
 elif method == "safe_open":
@@ -142,7 +145,8 @@ def main() -> None:
         ("safetensors.flax.load_file", "flax", unaligned),
         ("safe_open(numpy) + device_put", "safe_open", unaligned),
         ("mmap + device_put", "mmap", unaligned),
-        ("jaxweights allocate", "jaxweights", unaligned),
+        ("jaxweights allocate (one by one)", "jaxweights", unaligned),
+        ("jaxweights allocate_all", "jaxweights_all", unaligned),
         ("mmap + device_put, aligned file", "mmap", aligned),
         ("jaxweights allocate, aligned file", "jaxweights", aligned),
         ("jaxweights open + items(), 10k tensors", "open_items", many),

@@ -30,6 +30,10 @@ DEFAULT_BUDGET = 1 << 30
 """Bytes in flight at once by default."""
 
 
+_CHUNK = 256 << 20
+"""Most bytes of file pages a CPU bulk load keeps mapped while XLA copies them (one `place_many` chunk)."""
+
+
 def _accelerator_workers() -> int:
     return min(8, max(2, usable_cores()))
 
@@ -119,8 +123,9 @@ def load_all(
     results: dict[str, jax.Array] = {}
     if workers is None:
         workers = 1 if all(is_cpu_only(job.sharding) for job in jobs) else _accelerator_workers()
-    if workers <= 1:  # CPU targets: placed in batches; XLA's own copies overlap; wait once, at the end
-        arrays = place_many(checkpoint, [(job.info, job.dtype, job.sharding) for job in jobs])
+    if workers <= 1:  # CPU targets: placed in chunks whose copies XLA overlaps (see place_many)
+        requests = [(job.info, job.dtype, job.sharding) for job in jobs]
+        arrays = place_many(checkpoint, requests, chunk_bytes=min(max_inflight_bytes, _CHUNK))
         for job, array in zip(jobs, arrays, strict=True):
             array.block_until_ready()
             results[job.info.name] = array

@@ -1,12 +1,13 @@
 """Bytes to `jax.Array`s: the only module that turns checkpoint bytes into device arrays.
 
 For one CPU device, 64-byte aligned tensors are handed to `jax.device_put` as read-only views of the file
-map, which XLA aliases (zero-copy). Unaligned ones are handed over as views too: XLA copies them into its
-own aligned buffers on its own threads, asynchronously, overlapping one tensor's copy with the next
-tensor's work, and a daemon thread releases each view's file pages once its copy is done, so resident
-memory stays near one copy of the data. For a `Sharding`, the array is built with
-`jax.make_array_from_callback`, reading each distinct shard index once and only its bytes: contiguous
-runs with `preadv`, by every usable core, into 64-byte aligned buffers faulted in ahead of the read. Dtype conversion happens on the host for CPU
+map, which XLA aliases (zero-copy). Other tensors are read once, by every usable core, with `preadv` into
+64-byte aligned buffers (faulted in ahead of the read) that `device_put` then aliases: no file page is
+mapped, and a file truncated meanwhile is an error, never a SIGBUS. Bulk loads (`place_many`) hand
+unaligned views to one `device_put` per chunk instead, which XLA copies on its own threads, overlapping
+the tensors of a chunk; each chunk is waited for and its file pages released before the call goes on.
+For a `Sharding`, the array is built with `jax.make_array_from_callback`, reading each distinct shard
+index once and only its bytes. Dtype conversion happens on the host for CPU
 targets (one pass, no second device buffer) and on the device otherwise. Integers narrowed to a smaller
 type (int64 with ``jax_enable_x64`` off) are range-checked on the host first: values never wrap silently.
 Measured figures live in docs/performance.md.
@@ -14,13 +15,8 @@ Measured figures live in docs/performance.md.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import math
-import os
-import queue
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, lru_cache
 from pathlib import Path
@@ -44,6 +40,7 @@ __all__ = [
     "canonical_dtype",
     "check_sharding",
     "place",
+    "place_many",
     "plan_for",
     "read_blocks",
     "resolve_dtype",
@@ -167,11 +164,6 @@ def _place(
     on_cpu = is_cpu_only(sharding)
     narrowing = _narrows_integers(info.dtype, dtype)
     single = len(sharding.device_set) == 1
-    if single and on_cpu and dtype is info.dtype and _copied_by_xla(info):
-        array: jax.Array = jax.device_put(checkpoint.view(info), sharding)  # XLA copies, on its threads
-        checkpoint.note_copied(info.nbytes)
-        _releaser().submit(checkpoint, info, array)
-        return array
     # convert on the host for CPU targets, unless values must be checked or swapped first
     host_dtype = dtype if on_cpu and not narrowing and not info.swapped else info.dtype
     indices = sharding.addressable_devices_indices_map(info.shape)
@@ -185,6 +177,7 @@ def _place(
         buffers = read_blocks(checkpoint, plan_for(info, sharding), host_dtype, on_cpu)
     if narrowing:
         buffers = _narrowed(info, buffers, dtype, convert=on_cpu)
+    array: jax.Array
     if single:
         (host,) = buffers.values()
         array = jax.device_put(host, sharding)
@@ -204,14 +197,20 @@ def _place(
 
 
 def place_many(
-    checkpoint: Checkpoint, requests: Sequence[tuple[TensorInfo, DType, Sharding]]
+    checkpoint: Checkpoint,
+    requests: Sequence[tuple[TensorInfo, DType, Sharding]],
+    *,
+    chunk_bytes: int = 256 << 20,
 ) -> list[jax.Array]:
-    """`place` for many tensors at once, in order, their shardings already checked.
+    """`place` for many tensors at once, in order, their shardings already checked; every array is ready
+    when it returns.
 
     Plain tensors kept in their stored dtype on one CPU device (the bulk of most checkpoints) are handed
-    to one `jax.device_put` per device: views of the file that XLA aliases (64-byte aligned) or copies
-    on its threads, at about half the per-tensor cost of one call each (5,000 small tensors). Every
-    other tensor goes through `place`.
+    to one `jax.device_put` per device and per ``chunk_bytes`` of data: views of the file that XLA aliases
+    (64-byte aligned) or copies on its own threads, asynchronously, so the copies of a chunk overlap each
+    other and the Python work between them. The chunk is waited for and the file pages behind its
+    copies released before the next one starts, so no more than ``chunk_bytes`` of file pages are mapped
+    at once and nothing reads the file after the call. Every other tensor goes through `place`.
     """
     arrays: list[jax.Array | None] = [None] * len(requests)
     batches: dict[Sharding, list[int]] = {}
@@ -221,14 +220,33 @@ def place_many(
         else:
             arrays[position] = place(checkpoint, info, dtype, sharding, checked=True)
     for sharding, positions in batches.items():
-        infos = [requests[position][0] for position in positions]
-        placed = jax.device_put([checkpoint.view(info) for info in infos], sharding)
-        for position, info, array in zip(positions, infos, placed, strict=True):
-            arrays[position] = array
-            if _copied_by_xla(info):
-                checkpoint.note_copied(info.nbytes)
-                _releaser().submit(checkpoint, info, array)
+        for chunk in _chunks([requests[p][0] for p in positions], positions, chunk_bytes):
+            infos = [info for info, _ in chunk]
+            placed = jax.device_put([checkpoint.view(info) for info in infos], sharding)
+            jax.block_until_ready(placed)
+            for (info, position), array in zip(chunk, placed, strict=True):
+                arrays[position] = array
+                if not info.is_aligned():  # XLA copied it: its file pages are no longer needed
+                    checkpoint.note_copied(info.nbytes)
+                    checkpoint.release(info)
     return [array for array in arrays if array is not None]
+
+
+def _chunks(
+    infos: list[TensorInfo], positions: list[int], limit: int
+) -> Iterator[list[tuple[TensorInfo, int]]]:
+    """Consecutive runs of tensors whose copied bytes stay within ``limit`` (a larger one runs alone)."""
+    chunk: list[tuple[TensorInfo, int]] = []
+    size = 0
+    for info, position in zip(infos, positions, strict=True):
+        cost = 0 if info.is_aligned() else info.nbytes
+        if chunk and size + cost > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((info, position))
+        size += cost
+    if chunk:
+        yield chunk
 
 
 def _batchable(info: TensorInfo, dtype: DType, sharding: Sharding) -> bool:
@@ -281,62 +299,6 @@ def _dequantizer(
         return dequantize(blocks, encoding, shape, dtype)
 
     return jax.jit(expand, out_shardings=sharding)
-
-
-def _copied_by_xla(info: TensorInfo) -> bool:
-    """True for a plain tensor placed on one CPU device in its stored dtype at an offset XLA cannot alias:
-    `jax.device_put` of its view copies it asynchronously on XLA's threads, which overlaps tensors
-    better than a synchronous copy of our own (docs/performance.md)."""
-    return (
-        info.encoding is None
-        and not info.dtype.is_packed
-        and not info.swapped
-        and info.contiguous
-        and not info.is_aligned()
-    )
-
-
-class _PageReleaser:
-    """Releases the file pages behind views XLA copies, once each copy is done, from a daemon thread.
-
-    The thread waits in ``block_until_ready``. A daemon thread still inside an XLA call when the
-    interpreter finalises is unwound through C++ frames, which aborts the process, so an `atexit` hook
-    stops the thread first (its last waits are for copies about to finish).
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Checkpoint, TensorInfo, jax.Array] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="jaxweights-release", daemon=True)
-        self._thread.start()
-        atexit.register(self.stop)
-
-    def submit(self, checkpoint: Checkpoint, info: TensorInfo, array: jax.Array) -> None:
-        self._queue.put((checkpoint, info, array))
-
-    def stop(self) -> None:
-        """Finishes the pending releases and ends the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout=120)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            checkpoint, info, array = item
-            with contextlib.suppress(Exception):  # deleted, or its copy failed: nothing left to wait for
-                array.block_until_ready()
-            checkpoint.release(info)
-            del item, checkpoint, info, array
-
-
-@cache
-def _releaser() -> _PageReleaser:
-    return _PageReleaser()
-
-
-if hasattr(os, "register_at_fork"):  # a forked child has no thread: it starts its own
-    os.register_at_fork(after_in_child=_releaser.cache_clear)
 
 
 def plan_for(info: TensorInfo, sharding: Sharding) -> ReadPlan:
