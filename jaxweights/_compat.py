@@ -7,9 +7,13 @@ function here is small, says what it falls back to, and never raises because JAX
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-__all__ = ["jit_cache_size", "kv_client", "program_constants"]
+import jax
+import numpy as np
+
+__all__ = ["jit_cache_size", "kv_client", "program_constants", "put_on_device"]
 
 
 def jit_cache_size(jitted: Any) -> int | None:
@@ -93,3 +97,62 @@ def kv_client() -> Any:
         return distributed.global_state.client
     except (ImportError, AttributeError):
         return None
+
+
+def put_on_device(hosts: list[np.ndarray], sharding: jax.sharding.Sharding) -> list[jax.Array]:
+    """``jax.device_put(hosts, sharding)`` for host arrays already in a dtype JAX keeps (no 64-bit type
+    with x64 off) and a sharding over one device: one committed `jax.Array` each, aliasing the host
+    array where XLA can (CPU, 64-byte aligned) exactly as `jax.device_put` does.
+
+    `jax.device_put` spends ~40 us of Python per array; for checkpoints of thousands of small tensors
+    that is most of the load. This calls the C++ ``batched_device_put`` that `jax.device_put` ends in
+    (private, present from JAX 0.4.31 to at least 0.10) with a cached abstract value per shape and
+    dtype, ~8 us per array. Falls back to `jax.device_put` where that function is missing or refuses.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        >>> [a.shape for a in put_on_device([np.ones((2, 3), np.float32), np.arange(4)], sharding)]
+        [(2, 3), (4,)]
+    """
+    put = _batched_device_put()
+    devices = list(sharding.device_set)
+    if put is None or len(devices) != 1:
+        return list(jax.device_put(hosts, sharding))
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    try:
+        arrays = []
+        for host in hosts:
+            aval = _aval(host.shape, host.dtype, x64)
+            arrays.append(
+                jax.device_put(host, sharding) if aval is None else put(aval, sharding, [host], devices, True)
+            )
+        return arrays
+    except Exception:  # a changed signature or a refused array: the public path
+        return list(jax.device_put(hosts, sharding))
+
+
+@lru_cache(maxsize=1)
+def _batched_device_put() -> Any:
+    try:
+        import importlib
+
+        from jax._src import core
+
+        native = importlib.import_module("jax._src.lib")._jax
+    except (ImportError, AttributeError):
+        return None
+    put = getattr(native, "batched_device_put", None)
+    if put is None or not hasattr(core, "ShapedArray"):
+        return None
+    return put
+
+
+@lru_cache(maxsize=4096)
+def _aval(shape: tuple[int, ...], dtype: np.dtype[Any], x64: bool) -> Any:
+    """The abstract value of a host array JAX keeps as it is, or None (a type JAX would narrow)."""
+    from jax._src import core
+
+    if np.dtype(jax.dtypes.canonicalize_dtype(dtype)) != dtype:
+        return None
+    return core.ShapedArray(shape, dtype)

@@ -140,7 +140,7 @@ class DType(enum.Enum):
     @property
     def is_packed(self) -> builtins.bool:
         """True when files pack several elements per byte (``float4_e2m1fn``: two per byte)."""
-        return self.size_in_bits < 8
+        return self is DType.float4_e2m1fn  # the one sub-byte type (see size_in_bits)
 
     def is_float(self) -> builtins.bool:
         """True for floating-point types, the float8 and float4 types included."""

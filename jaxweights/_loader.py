@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
-from jax.sharding import Sharding
+from jax.sharding import Sharding, SingleDeviceSharding
 
 from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
@@ -57,6 +57,8 @@ def planned_bytes(info: TensorInfo, sharding: Sharding) -> int:
     if info.encoding is not None:
         return plan_for(blocks_of(info), sharding).nbytes
     if info.dtype.is_packed:
+        return info.nbytes
+    if info.strides is None and type(sharding) is SingleDeviceSharding:  # the common case, quickly
         return info.nbytes
     if not info.contiguous:  # gathered whole on the host
         return info.size * info.dtype.size_in_bytes
@@ -126,8 +128,7 @@ def load_all(
     if workers <= 1:  # CPU targets: placed in chunks whose copies XLA overlaps (see place_many)
         requests = [(job.info, job.dtype, job.sharding) for job in jobs]
         arrays = place_many(checkpoint, requests, chunk_bytes=min(max_inflight_bytes, _CHUNK))
-        for job, array in zip(jobs, arrays, strict=True):
-            array.block_until_ready()
+        for job, array in zip(jobs, arrays, strict=True):  # each is ready (see place_many)
             results[job.info.name] = array
             if progress is not None:
                 progress.advance(job.nbytes)

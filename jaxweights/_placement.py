@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, Sharding, SingleDeviceSharding
 
 from ._buffers import ALIGNMENT, HUGE_PAGE, aligned_empty, populate
+from ._compat import put_on_device
 from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
 from ._plan import BlockKey, BlockRead, ReadPlan, block_key, plan_reads
@@ -222,7 +223,7 @@ def place_many(
     for sharding, positions in batches.items():
         for chunk in _chunks([requests[p][0] for p in positions], positions, chunk_bytes):
             infos = [info for info, _ in chunk]
-            placed = jax.device_put([checkpoint.view(info) for info in infos], sharding)
+            placed = put_on_device(checkpoint.views(infos), sharding)
             jax.block_until_ready(placed)
             for (info, position), array in zip(chunk, placed, strict=True):
                 arrays[position] = array
@@ -256,9 +257,13 @@ def _batchable(info: TensorInfo, dtype: DType, sharding: Sharding) -> bool:
         and not info.dtype.is_packed
         and not info.swapped
         and info.contiguous
-        and len(sharding.device_set) == 1
-        and is_cpu_only(sharding)
+        and _one_cpu(sharding)
     )
+
+
+@lru_cache(maxsize=256)
+def _one_cpu(sharding: Sharding) -> bool:
+    return len(sharding.device_set) == 1 and is_cpu_only(sharding)
 
 
 def blocks_of(info: TensorInfo) -> TensorInfo:

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxweights._compat import jit_cache_size, program_constants
+from jaxweights import _compat
+from jaxweights._buffers import aligned_empty
+from jaxweights._compat import jit_cache_size, program_constants, put_on_device
 
 
 def test_jit_cache_size_counts_compiled_signatures() -> None:
@@ -77,3 +79,58 @@ def test_kv_client_is_none_outside_a_job_and_where_jax_moved_it(monkeypatch: pyt
     assert kv_client() is None  # this process never called jax.distributed.initialize
     monkeypatch.setitem(sys.modules, "jax._src.distributed", None)  # the private module is gone
     assert kv_client() is None
+
+
+def hosts() -> list[np.ndarray]:
+    aligned = aligned_empty((8, 16), np.dtype(np.float32))
+    aligned[...] = np.arange(128, dtype=np.float32).reshape(8, 16)
+    return [
+        aligned,
+        np.arange(6, dtype=np.int8).reshape(2, 3),
+        np.zeros((0, 4), np.uint16),
+        np.array(3.5, np.float32),
+    ]
+
+
+def test_put_on_device_matches_device_put() -> None:
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    given = hosts()
+    placed = put_on_device([np.asarray(h) for h in given], sharding)
+    reference = jax.device_put([np.asarray(h) for h in given], sharding)
+    for ours, theirs in zip(placed, reference, strict=True):
+        assert isinstance(ours, jax.Array) and ours.committed
+        assert ours.sharding == theirs.sharding and ours.devices() == {device}
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    # an aligned host array is aliased, as jax.device_put does on CPU
+    if device.platform == "cpu":
+        assert placed[0].unsafe_buffer_pointer() == given[0].ctypes.data
+    assert (placed[0] + 1)[1, 0] == 17  # usable in computations
+
+
+def test_put_on_device_narrows_like_device_put() -> None:
+    if jax.config.read("jax_enable_x64"):
+        pytest.skip("64-bit types are kept with x64 on")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    (placed,) = put_on_device([np.arange(3, dtype=np.float64)], sharding)
+    assert placed.dtype == np.float32 and placed.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_put_on_device_falls_back_to_device_put(monkeypatch: pytest.MonkeyPatch) -> None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def refusing(*args: object) -> object:  # a JAX whose private function changed its signature
+        raise TypeError("unexpected argument")
+
+    for replacement in (lambda: None, lambda: refusing):
+        monkeypatch.setattr(_compat, "_batched_device_put", replacement)
+        placed = put_on_device(hosts(), sharding)
+        assert [a.shape for a in placed] == [(8, 16), (2, 3), (0, 4), ()]
+        assert placed[1].tolist() == [[0, 1, 2], [3, 4, 5]] and all(a.committed for a in placed)
+    if len(jax.devices()) >= 2:  # several devices: the public path
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+        (split,) = put_on_device(
+            [np.ones((2, 2), np.float32)], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+        )
+        assert len(split.sharding.device_set) == 2

@@ -79,14 +79,14 @@ def test_first_failure_is_raised_and_the_rest_cancelled(
         load_all(weights.checkpoint, jobs_for(weights, device), max_inflight_bytes=1, workers=4)
     assert len(calls) < 8
     # CPU targets are placed in one batch: a failure while it is prepared ends the load too
-    original_view = jw.Checkpoint.view
+    original_views = jw.Checkpoint.views
 
-    def failing_view(self: jw.Checkpoint, info: jw.TensorInfo) -> np.ndarray:
-        if info.name == "w3":
+    def failing_views(self: jw.Checkpoint, infos: list[jw.TensorInfo]) -> list[np.ndarray]:
+        if any(info.name == "w3" for info in infos):
             raise OSError("disk went away")
-        return original_view(self, info)
+        return original_views(self, infos)
 
-    monkeypatch.setattr(jw.Checkpoint, "view", failing_view)
+    monkeypatch.setattr(jw.Checkpoint, "views", failing_views)
     with pytest.raises(OSError, match=r"disk went away"):
         load_all(weights.checkpoint, jobs_for(weights, device))
 

@@ -16,7 +16,7 @@ import mmap
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -302,6 +302,21 @@ class Checkpoint(Mapping[str, TensorInfo]):
         else:
             out = raw.view(info.dtype.to_numpy()).reshape(info.shape)
         out.flags.writeable = False
+        return out
+
+    def views(self, infos: Sequence[TensorInfo]) -> list[np.ndarray]:
+        """`view` of many tensors, with one size check and one map per file for the plain ones
+        (contiguous, in native order, neither packed nor quantized): a few microseconds each."""
+        bases: dict[Path, np.ndarray] = {}
+        out: list[np.ndarray] = []
+        for info in infos:
+            if info.strides is not None or info.encoding is not None or info.dtype.is_packed or info.swapped:
+                out.append(self.view(info))
+                continue
+            base = bases.get(info.file)
+            if base is None:
+                base = bases[info.file] = np.frombuffer(self._file(info.file).map(), dtype=np.uint8)
+            out.append(base[info.start : info.end].view(info.dtype.to_numpy()).reshape(info.shape))
         return out
 
     def copy_into(self, info: TensorInfo, out: np.ndarray, offset: int = 0) -> None:
