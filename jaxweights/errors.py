@@ -13,8 +13,10 @@ import os
 __all__ = [
     "AccessorError",
     "ArgumentError",
+    "CheckpointChangedError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "DTypeError",
     "DeviceError",
@@ -63,6 +65,16 @@ def _rebuild(cls: type[WeightsError], message: str, file: str | None, tensor: st
 
 class CheckpointError(WeightsError, ValueError):
     """A checkpoint file is malformed: truncated, bad header, offsets or shapes that do not add up."""
+
+
+class CheckpointChangedError(CheckpointError):
+    """A file changed after the checkpoint was opened (replaced, truncated or rewritten: its inode, size
+    or modification time differ from what was validated); re-open the checkpoint."""
+
+
+class CheckpointReadError(WeightsError, OSError):
+    """The operating system refused a read: permission denied, an I/O error, a file that is not a
+    regular file (a folder, a pipe, a device), a symlink loop."""
 
 
 class CheckpointNotFoundError(WeightsError, FileNotFoundError):

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Union
 
 from .._buffers import ALIGNMENT, aligned_empty
-from ..errors import CheckpointError, CheckpointNotFoundError, UnsupportedFormatError
+from ..errors import CheckpointError, CheckpointNotFoundError, CheckpointReadError, UnsupportedFormatError
 from . import gguf, safetensors, torch
 from ._checkpoint import NATIVE_ORDER, Checkpoint, TensorInfo, WeightsFormat
+from ._files import open_regular, read_prefix
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
@@ -72,12 +73,17 @@ def _titles() -> str:
 
 
 def _expand_folder(folder: Path) -> list[Path]:
-    for plugin in FORMATS:
-        found = plugin.files_in(folder)
-        if found:
-            return found
+    try:
+        for plugin in FORMATS:
+            found = plugin.files_in(folder)
+            if found:
+                return found
+        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+    except OSError as error:
+        raise CheckpointReadError(
+            f"{folder} cannot be listed ({error.strerror or error}); check its permissions.", file=folder
+        ) from None
     patterns = ", ".join(f"*{suffix}" for plugin in FORMATS for suffix in plugin.suffixes)
-    listing = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
     raise CheckpointNotFoundError(
         f"{folder} holds no weight files (looked for {patterns}); it holds: {listing}. Pass the weight "
         f"files themselves.",
@@ -114,6 +120,8 @@ def expand_paths(paths: PathsLike) -> list[Path]:
                 file=path,
             )
         else:
+            if os.path.lexists(path):  # a broken symlink or a loop: say which
+                os.close(open_regular(path))
             raise CheckpointNotFoundError(f"{path} does not exist. Check the path.", file=path)
     return result
 
@@ -129,8 +137,7 @@ def sniff_format(path: Path) -> FormatPlugin:
     Raises:
         UnsupportedFormatError: no registered format recognises the file.
     """
-    with open(path, "rb") as handle:
-        head = handle.read(HEAD_SIZE)
+    head = read_prefix(path, HEAD_SIZE)
     recognised = [plugin for plugin in FORMATS if plugin.sniff(head, path)]
     for plugin in recognised:
         if plugin.owns(path):
@@ -167,8 +174,12 @@ def weights_format(paths: PathsLike) -> WeightsFormat:
     return _plugin(expand_paths(paths)).name
 
 
-def open_checkpoint(paths: PathsLike) -> Checkpoint:
+def open_checkpoint(paths: PathsLike, *, mmap: bool = True) -> Checkpoint:
     """Opens files, folders or an index as one `Checkpoint`, validating every header first.
+
+    With ``mmap=False`` no file page is ever mapped: every read copies with `preadv` into memory
+    jaxweights owns (`Checkpoint.mapped`), for network filesystems and for files that may be rewritten
+    in place while arrays made from them are alive.
 
     Raises:
         UnsupportedFormatError: a file is in no format jaxweights reads, or the paths mix formats.
@@ -191,4 +202,6 @@ def open_checkpoint(paths: PathsLike) -> Checkpoint:
             f"only. Convert it to safetensors, or upgrade jaxweights.",
             file=files[0],
         )
-    return plugin.open(files)
+    checkpoint = plugin.open(files)
+    checkpoint.mapped = mmap
+    return checkpoint
