@@ -3,9 +3,19 @@
 Every method runs in a fresh process, methods interleaved round by round, page cache warm. Two
 checkpoints written by ``torch.save``: a 5,000-tensor state dict of small tensors, and a ~1 GB one.
 
-- jaxweights: ``load_weights(path).allocate_all()``: every tensor a `jax.Array` on ``cpu:0``, ready.
+Host tensors, what `torch.load` gives:
+
+- jaxweights ``data()``: ``weights[name].data()`` for every tensor: numpy views of the mapped file.
 - ``torch.load(path, weights_only=True)``: every tensor read into memory.
 - ``torch.load(path, mmap=True, weights_only=True)``: every tensor a view of the mapped file.
+
+`jax.Array`s, what a JAX program needs:
+
+- jaxweights: ``load_weights(path).allocate_all()``: every tensor a `jax.Array` on ``cpu:0``, ready.
+- ``torch.load(mmap=True)`` + ``jax.device_put``: the same without jaxweights (torch installed).
+
+A `jax.Array` costs ~2.7 KB of host memory of its own (JAX's C++ buffer and Python objects), so 5,000
+arrays hold ~13 MB whatever made them; the memory rows say how far above that floor each method is.
 
 Reported: median wall time and peak RSS growth over the process's baseline, as a multiple of the file.
 
@@ -30,11 +40,11 @@ WORKER = r"""
 import json, sys, time
 method, path = sys.argv[1], sys.argv[2]
 import numpy as np
-if method == "jaxweights":
+if method.startswith("jaxweights") or method.endswith("jax"):
     import jax
     jax.device_put(np.zeros(4)).block_until_ready()
     import jaxweights as jw
-else:
+if method.startswith("torch"):
     import torch
 
 def rss_kib(field):
@@ -49,10 +59,20 @@ start = time.perf_counter()
 if method == "jaxweights":
     arrays = jw.load_weights(path).allocate_all()
     count = len(arrays)
+elif method == "jaxweights_data":
+    weights = jw.load_weights(path)
+    views = [weight.data().data for _, weight in weights.items()]
+    count = len(views)
 elif method == "torch":
     count = len(torch.load(path, weights_only=True))
-else:
+elif method == "torch_mmap":
     count = len(torch.load(path, mmap=True, weights_only=True))
+else:
+    state = torch.load(path, mmap=True, weights_only=True)
+    device = jax.devices("cpu")[0]
+    arrays = jax.device_put([tensor.numpy() for tensor in state.values()], device)
+    jax.block_until_ready(arrays)
+    count = len(arrays)
 elapsed = time.perf_counter() - start
 print(json.dumps({"ms": elapsed * 1e3, "peak_mb": (rss_kib("VmHWM") - base) / 1024, "tensors": count}))
 """
@@ -94,9 +114,11 @@ def main() -> None:
         (f"{label}, {kind}", method, path)
         for kind, path in (("5,000 tensors", many), ("1 GB", big))
         for label, method in (
-            ("jaxweights", "jaxweights"),
+            ("jaxweights data() (host views)", "jaxweights_data"),
             ("torch.load(weights_only=True)", "torch"),
             ("torch.load(mmap=True, weights_only=True)", "torch_mmap"),
+            ("jaxweights allocate_all (jax.Arrays)", "jaxweights"),
+            ("torch.load(mmap=True) + jax.device_put", "torch_mmap_jax"),
         )
     ]
     for path in (many, big):

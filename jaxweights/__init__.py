@@ -2,6 +2,7 @@
 
 from importlib import metadata as _metadata
 
+from . import _bulk as _bulk  # the load planner, with the package rather than on the first load
 from . import errors as errors
 from ._dequant import dequantize as dequantize
 from ._devices import DeviceKind as DeviceKind

@@ -336,10 +336,14 @@ def read_blocks(
     info = plan.tensor
     buffers: dict[BlockKey, np.ndarray] = {}
     copied: list[BlockRead] = []
-    whole = checkpoint.raw_view(info)
+    whole = checkpoint.raw_view(info) if checkpoint.mapped else None  # unmapped: every block is read
     for block in plan.blocks:
         runs_in_place = dtype is info.dtype and block.num_runs <= 1
-        if runs_in_place and (not on_cpu or (info.start + block.offset) % ALIGNMENT == 0):
+        if (
+            whole is not None
+            and runs_in_place
+            and (not on_cpu or (info.start + block.offset) % ALIGNMENT == 0)
+        ):
             buffers[block.key] = (
                 whole[block.offset : block.offset + block.nbytes].view(dtype.to_numpy()).reshape(block.shape)
             )

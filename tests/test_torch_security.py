@@ -9,6 +9,7 @@ the standard unpickler, so a test that finds no marker shows the reader ran noth
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 import struct
@@ -22,6 +23,7 @@ import pytest
 
 import jaxweights as jw
 from jaxweights.errors import CheckpointError, UnsafeCheckpointError, WeightsError
+from jaxweights.formats.torch import read_torch
 
 NAME = "layer.weight"
 """The tensor name every hand-built checkpoint uses; structural errors must name it."""
@@ -846,3 +848,169 @@ def _torch_zip_pickle(torch: object, tmp_path: Path) -> bytes:
     torch.save({"w": torch.ones(2, 3)}, path)  # type: ignore[attr-defined]
     with zipfile.ZipFile(path) as archive:
         return archive.read("real/data.pkl")
+
+
+# -- the zip directory, read without zipfile -----------------------------------------------------------
+def _zip64_checkpoint(path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A torch.save-like archive in ZIP64 shape, as torch writes one past 4 GiB: ZIP64 end record and
+    locator (the plain end record holding 0xFFFF / 0xFFFFFFFF), and central entries whose sizes and header
+    offsets are 0xFFFFFFFF with the real ones in a ZIP64 extra field. zipfile's limits are lowered so a
+    small archive takes that shape."""
+    with monkeypatch.context() as patch:
+        patch.setattr(zipfile, "ZIP64_LIMIT", 1)
+        patch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)
+        zip_checkpoint(path, state_dict({NAME: tensor()}), {"0": floats(6)})
+    data = bytearray(path.read_bytes())  # zipfile keeps values that fit in the plain end record; not all do
+    struct.pack_into("<HHII", data, data.rindex(b"PK\x05\x06") + 8, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_zip64_archive_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _zip64_checkpoint(tmp_path / "m.pt", monkeypatch)
+    data = path.read_bytes()
+    end = data.rindex(b"PK\x05\x06")
+    assert data[end - 20 : end - 16] == b"PK\x06\x07"  # the locator, then the ZIP64 end record it names
+    assert struct.unpack_from("<HHII", data, end + 8) == (0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    with zipfile.ZipFile(path) as archive:  # a valid archive, read the reference way
+        infos = {info.filename: info for info in archive.infolist()}
+        assert archive.testzip() is None
+    assert infos["archive/data/0"].header_offset > 0
+    np.testing.assert_array_equal(load_all(path)[NAME], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def test_archive_with_a_comment_loads(tmp_path: Path) -> None:
+    """The end record is then not the file's last 22 bytes: it is the last one whose comment length
+    reaches the file's end (not a lookalike inside the comment)."""
+    path = zip_checkpoint(tmp_path / "m.pt", state_dict({NAME: tensor()}), {"0": floats(6)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.comment = b"PK\x05\x06 lookalike in a comment, " + b"x" * 1000
+    np.testing.assert_array_equal(load_all(path)[NAME], np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+def _end(data: bytearray) -> int:
+    return data.rindex(b"PK\x05\x06")
+
+
+def _first_entry(data: bytearray) -> int:
+    return data.index(b"PK\x01\x02")  # no member of these archives holds the signature
+
+
+def _set(fmt: str, where: Callable[[bytearray], int], *values: int) -> Callable[[bytearray], None]:
+    def patch(data: bytearray) -> None:
+        struct.pack_into(fmt, data, where(data), *values)
+
+    return patch
+
+
+def _entry_of(name: bytes) -> Callable[[bytearray], int]:
+    """Where the central entry of member ``name`` starts."""
+
+    def where(data: bytearray) -> int:
+        pos = _first_entry(data)
+        while not data[pos + 46 :].startswith(name):
+            pos = data.index(b"PK\x01\x02", pos + 4)
+        return pos
+
+    return where
+
+
+def _drop_end_record(data: bytearray) -> None:
+    del data[-22:]
+
+
+def _bad_utf8_name(data: bytearray) -> None:
+    """Flag bit 11 (the name is UTF-8) on the first entry, then a name byte no UTF-8 text holds."""
+    entry = _first_entry(data)
+    struct.pack_into("<H", data, entry + 8, 0x800)
+    data[entry + 46] = 0xFF
+
+
+CORRUPT_DIRECTORIES: dict[str, Callable[[bytearray], None]] = {
+    "no-end-record": _drop_end_record,
+    "directory-past-end": _set("<I", lambda d: _end(d) + 16, 0x7FFFFFF0),
+    "directory-too-long": _set("<I", lambda d: _end(d) + 12, 0x7FFFFFF0),
+    "too-many-entries": _set("<HH", lambda d: _end(d) + 8, 0xFFFE, 0xFFFE),
+    "several-disks": _set("<H", lambda d: _end(d) + 4, 1),
+    "entry-signature": _set("<I", _first_entry, 0x02014B51),
+    "name-past-directory": _set("<H", lambda d: _first_entry(d) + 28, 0xFFFF),
+    "zip64-size-without-field": _set("<I", lambda d: _entry_of(b"archive/data/0")(d) + 24, 0xFFFFFFFF),
+    "header-offset-wrong": _set("<I", lambda d: _entry_of(b"archive/data/0")(d) + 42, 1),
+    "header-offset-past-end": _set("<I", lambda d: _entry_of(b"archive/data/0")(d) + 42, 0x7FFFFFF0),
+    "size-past-end": _set("<II", lambda d: _entry_of(b"archive/data/0")(d) + 20, 1 << 30, 1 << 30),
+    "bad-utf8-name": _bad_utf8_name,
+}
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPT_DIRECTORIES))
+def test_corrupt_zip_directory_names_the_file(corrupt: str, tmp_path: Path) -> None:
+    """Malformed end records and central entries: a CheckpointError naming the file, never struct.error,
+    IndexError or a zipfile error."""
+    path = zip_checkpoint(tmp_path / "m.pt", state_dict({NAME: tensor()}), {"0": floats(6)})
+    data = bytearray(path.read_bytes())
+    CORRUPT_DIRECTORIES[corrupt](data)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        jw.load_weights(path)
+
+
+ZIP64_CORRUPTIONS: dict[str, Callable[[bytearray], None]] = {
+    "locator-to-nowhere": _set("<Q", lambda d: _end(d) - 12, 12),
+    "locator-past-end": _set("<Q", lambda d: _end(d) - 12, 1 << 40),
+    "several-disks": _set("<I", lambda d: _end(d) - 4, 2),
+    "zip64-field-missing": _set(
+        "<H", lambda d: _entry_of(b"archive/data/0")(d) + 46 + len(b"archive/data/0"), 0x9999
+    ),
+    "zip64-field-short": _set(
+        "<H", lambda d: _entry_of(b"archive/data/0")(d) + 46 + len(b"archive/data/0") + 2, 4
+    ),
+}
+
+
+@pytest.mark.parametrize("corrupt", list(ZIP64_CORRUPTIONS))
+def test_corrupt_zip64_records_name_the_file(
+    corrupt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _zip64_checkpoint(tmp_path / "m.pt", monkeypatch)
+    data = bytearray(path.read_bytes())
+    ZIP64_CORRUPTIONS[corrupt](data)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        jw.load_weights(path)
+
+
+def test_member_named_twice_refused(tmp_path: Path) -> None:
+    """Two central entries with one name: readers could disagree on which holds the storage."""
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        path = zip_checkpoint(
+            tmp_path / "m.pt",
+            state_dict({NAME: tensor()}),
+            {"0": floats(6)},
+            raw_members={"archive/data/0": floats(6)[::-1]},
+        )
+    with pytest.raises(CheckpointError, match="names a member twice"):
+        jw.load_weights(path)
+
+
+def test_every_truncation_of_a_real_pickle_refused(tmp_path: Path) -> None:
+    """torch's data.pkl cut at every byte: a CheckpointError each time, never IndexError or struct.error
+    (fixed-size opcode arguments are bounded by the end of the copied pickle, not checked one by one)."""
+    torch = pytest.importorskip("torch")
+    real = _torch_zip_pickle(torch, tmp_path)
+    for cut in range(len(real)):
+        path = zip_checkpoint(tmp_path / f"cut{cut}.pt", real[:cut], {"0": floats(6)})
+        with pytest.raises(CheckpointError, match=re.escape(str(path))):
+            read_torch(path)
+
+
+def test_every_byte_of_a_real_pickle_changed(tmp_path: Path) -> None:
+    """Each byte of torch's data.pkl replaced by a few opcode-like values: the file loads or is refused
+    with a jaxweights error, never another exception."""
+    torch = pytest.importorskip("torch")
+    real = _torch_zip_pickle(torch, tmp_path)
+    for pos in range(len(real)):
+        for value in (0x00, 0x28, 0x4B, 0x58, 0x68, 0x72, 0x74, 0xFF):
+            hostile = real[:pos] + bytes([value]) + real[pos + 1 :]
+            path = zip_checkpoint(tmp_path / "m.pt", hostile, {"0": floats(6)})
+            with contextlib.suppress(WeightsError):
+                read_torch(path)

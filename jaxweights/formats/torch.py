@@ -8,11 +8,12 @@ The pickle is run by a small interpreter of its own (protocols 2 to 5), not by `
 comes from an allow-list of rebuild functions written here (nothing is imported), REDUCE only calls
 those, BUILD only fills a state dict's attributes, and objects, nesting depth and every length are
 bounded against the bytes left before anything is allocated. Anything else raises
-`UnsafeCheckpointError` before a single object of it exists. Storages are never read: their offsets in
-the file are computed (a zip member's data offset from its local header; a legacy file's storages by
-walking their 8-byte counts), and each tensor becomes a `TensorInfo` over its storage's bytes, with
-``strides`` for views that are not C-contiguous. Compressed zip members, TorchScript archives and the old
-tar format are refused. Nested training checkpoints get dotted names (``model.layers.0.weight``) and
+`UnsafeCheckpointError` before a single object of it exists. The zip's central directory (ZIP64
+included) is read here too, not by `zipfile`, for the few fields a stored member needs. Storages are
+never read: their offsets in the file are computed (a zip member's data offset from its local header; a
+legacy file's storages by walking their 8-byte counts), and each tensor becomes a `TensorInfo` over its
+storage's bytes, with ``strides`` for views that are not C-contiguous. Compressed zip members,
+TorchScript archives and the old tar format are refused. Nested training checkpoints get dotted names (``model.layers.0.weight``) and
 their non-tensor leaves (``epoch``) become metadata.
 
 Never imports jax, torch or `pickle`.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,12 +32,14 @@ from .._dtypes import DType
 from .._shapes import c_strides, element_count
 from ..errors import (
     CheckpointError,
+    CheckpointReadError,
     DTypeError,
     UnsafeCheckpointError,
     UnsupportedFormatError,
     WeightsError,
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat
+from ._files import open_regular
 from ._index import gc_paused, open_files
 from ._plugin import FormatPlugin
 
@@ -64,9 +66,10 @@ INDEX_SUFFIXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
 MAX_DEPTH = 200
 """Deepest nesting of marks while unpickling, and of containers while naming tensors."""
 MAX_OBJECTS = 50_000_000
+"""Most opcodes one pickle may run (each makes at most one object; the memo store that follows one runs
+with it)."""
 MAX_LEAVES = 1_000_000
 """Most names (tensors and metadata leaves, counting every shared reference again) one file may give."""
-"""Most opcodes one pickle may run (each makes at most one object), and most nodes named."""
 MAX_STRING = 1 << 28
 """Longest string or bytes object a pickle may hold (256 MiB)."""
 
@@ -110,6 +113,9 @@ _TORCH_DTYPES: dict[str, DType | None] = {
     "complex128": None, "cdouble": None, "complex32": None, "chalf": None, "qint8": None,
     "quint8": None, "qint32": None, "quint4x2": None, "quint2x4": None, "float4_e2m1fn_x2": None,
 }  # fmt: skip
+
+
+_ITEMSIZES = {dtype: dtype.size_in_bytes for dtype in DType}
 
 
 class _StorageType(NamedTuple):
@@ -178,9 +184,13 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
 
 def _rebuild_tensor(args: tuple[Any, ...], dtype: _TorchDType | None) -> _Tensor:
     storage, offset, shape, strides = args[:4]
-    if not isinstance(storage, _Storage) or type(offset) is not int:
+    if type(storage) is not _Storage or type(offset) is not int:
         raise _BadArgumentsError("a tensor must be rebuilt from a storage and an integer offset")
-    shape, strides = _ints(shape, "a tensor's size"), _ints(strides, "a tensor's stride")
+    if type(shape) is not tuple or type(strides) is not tuple:
+        raise _BadArgumentsError("a tensor's size and stride must be tuples of integers")
+    for item in shape + strides:  # runs once per tensor: a plain loop, no generator or call
+        if type(item) is not int:
+            raise _BadArgumentsError("a tensor's size and stride must be tuples of integers")
     if dtype is None:
         return _Tensor(storage, offset, shape, strides, storage.dtype, storage.kind.name)
     return _Tensor(storage, offset, shape, strides, dtype.dtype, f"torch.{dtype.name}")
@@ -317,17 +327,19 @@ class _StopError(Exception):
 
 
 class _Unpickler:
-    """Runs one pickle of ``data[start:end]`` (bytes or an mmap), building only allow-listed objects."""
+    """Runs one pickle from ``data[start]`` (bytes or an mmap) to its STOP, building only allow-listed
+    objects. The pickle may run to the end of ``data``, no further; ``base`` is where ``data`` starts in
+    the file (for error messages)."""
 
     def __init__(
         self,
         data: Any,
         start: int,
-        end: int,
         path: Path,
         persistent_load: Callable[[Any], Any] | None,
+        base: int = 0,
     ) -> None:
-        self.data, self.pos, self.end, self.path = data, start, end, path
+        self.data, self.pos, self.end, self.path, self.base = data, start, len(data), path, base
         self.persistent_load = persistent_load
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
@@ -339,46 +351,131 @@ class _Unpickler:
     # -- errors -------------------------------------------------------------------------------
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(
-            f"{self.path} is not a valid PyTorch checkpoint: its pickle {what} (near byte {self.pos}). "
-            f"The file is truncated or corrupt; save it again.",
+            f"{self.path} is not a valid PyTorch checkpoint: its pickle {what} (near byte "
+            f"{self.base + self.pos}). The file is truncated or corrupt; save it again.",
             file=self.path,
         )
 
     def unsafe(self, what: str) -> UnsafeCheckpointError:
         return UnsafeCheckpointError(
-            f"{self.path} asks to run code: its pickle {what} (near byte {self.pos}). jaxweights builds "
-            f"only tensors, containers and plain values; nothing was imported or run. If you trust the "
-            f"file, load it with torch and save its state_dict as safetensors.",
+            f"{self.path} asks to run code: its pickle {what} (near byte {self.base + self.pos}). "
+            f"jaxweights builds only tensors, containers and plain values; nothing was imported or run. If "
+            f"you trust the file, load it with torch and save its state_dict as safetensors.",
             file=self.path,
         )
 
     def load(self) -> Any:
-        """Runs the pickle to its STOP; returns the object and leaves ``pos`` just past the STOP."""
-        ops, data = self.ops, self.data
+        """Runs the pickle to its STOP; returns the object and leaves ``pos`` just past the STOP.
+
+        The opcodes torch.save writes for every tensor run inline here, on local variables, most frequent
+        first and with the checks of their ``_op_*`` methods; the others run those methods, ``pos`` and
+        ``stack`` handed over and back. Fixed-size arguments need no explicit bounds check: ``data`` ends
+        where the pickle may end, so reading past it raises IndexError or struct.error, both reported as
+        a truncated pickle; lengths are checked before anything is sliced or allocated."""
+        data, end, memo, metastack = self.data, self.end, self.memo, self.metastack
+        ops, persistent_load = self.ops, self.persistent_load
+        stack, pos = self.stack, self.pos
+        memo_limit = 0  # memo indices up to this are fine (it trails len(memo) + 1024, which only grows)
         try:
             for _ in range(MAX_OBJECTS):
-                pos = self.pos
-                if pos >= self.end:
-                    raise self.fail("ends before its STOP opcode")
                 code = data[pos]
-                self.pos = pos + 1
-                op = ops[code]
-                if op is None:
-                    name = _OPCODE_NAMES.get(code)
-                    self.pos = pos
-                    if name is None:
-                        raise self.unsafe(f"has an unknown opcode 0x{code:02x}")
-                    raise self.unsafe(f"uses opcode {name}, which jaxweights does not run")
-                op()
+                pos += 1
+                if code == 0x72:  # LONG_BINPUT, run with the next opcode (most pushes are followed by one)
+                    (index,) = _U32(data, pos)
+                    if index > memo_limit:
+                        memo_limit = len(memo) + 1024
+                        if index > memo_limit:
+                            self.pos = pos
+                            raise self.fail(f"stores memo entry {index} while it holds {len(memo)}")
+                    memo[index] = stack[-1]
+                    pos += 4
+                    code = data[pos]
+                    pos += 1
+                if code == 0x4B:  # BININT1
+                    stack.append(data[pos])
+                    pos += 1
+                elif code == 0x68:  # BINGET
+                    index = data[pos]
+                    pos += 1
+                    try:
+                        stack.append(memo[index])
+                    except KeyError:
+                        self.pos = pos
+                        raise self.fail(f"reads memo entry {index}, which was never stored") from None
+                elif code == 0x28:  # MARK
+                    if len(metastack) >= MAX_DEPTH:
+                        self.pos = pos
+                        raise self.fail(f"nests marks deeper than {MAX_DEPTH}")
+                    metastack.append(stack)
+                    stack = []
+                elif code == 0x58:  # BINUNICODE
+                    (count,) = _U32(data, pos)
+                    pos += 4
+                    if count > MAX_STRING:
+                        self.pos = pos
+                        raise self.fail(f"holds a {count}-byte string, over the {MAX_STRING}-byte limit")
+                    if pos + count > end:
+                        raise self.short(pos, count)
+                    stack.append(str(data[pos : pos + count], "utf-8"))
+                    pos += count
+                elif code == 0x74:  # TUPLE
+                    items = stack
+                    stack = metastack.pop()
+                    stack.append(tuple(items))
+                elif code == 0x86:  # TUPLE2
+                    second = stack.pop()
+                    stack[-1] = (stack[-1], second)
+                elif code == 0x52:  # REDUCE
+                    args = stack.pop()
+                    func = stack[-1]
+                    if type(func) is _Global and func.build is not None and type(args) is tuple:
+                        stack[-1] = func.build(args)
+                    else:
+                        stack.append(args)
+                        self.pos, self.stack = pos, stack
+                        self._op_reduce()  # raises the refusal
+                elif code == 0x4D:  # BININT2
+                    stack.append(_U16(data, pos)[0])
+                    pos += 2
+                elif code == 0x51 and persistent_load is not None:  # BINPERSID
+                    stack[-1] = persistent_load(stack[-1])
+                elif code == 0x89:  # NEWFALSE
+                    stack.append(False)
+                elif code == 0x29:  # EMPTY_TUPLE
+                    stack.append(())
+                else:
+                    op = ops[code]
+                    self.pos, self.stack = pos, stack
+                    if op is None:
+                        self.pos = pos - 1
+                        name = _OPCODE_NAMES.get(code)
+                        if name is None:
+                            raise self.unsafe(f"has an unknown opcode 0x{code:02x}")
+                        raise self.unsafe(f"uses opcode {name}, which jaxweights does not run")
+                    op()
+                    pos, stack = self.pos, self.stack
+            self.pos = pos
             raise self.fail(f"runs over {MAX_OBJECTS} opcodes")
         except _StopError:
             return self.stack.pop()
         except WeightsError:
             raise
         except _BadArgumentsError as error:
+            self.pos = max(self.pos, pos)  # an inline opcode leaves self.pos behind; a method moves it on
             raise self.fail(f"calls a rebuild function wrongly: {error}") from None
-        except (IndexError, KeyError, TypeError, ValueError, struct.error, RecursionError) as error:
+        except (IndexError, struct.error) as error:
+            self.pos = max(self.pos, pos)
+            if pos >= end or type(error) is struct.error:  # an opcode or its argument read past the end
+                raise self.fail("ends before its STOP opcode") from None
+            raise self.fail(f"is malformed (IndexError: {str(error)[:100]})") from None
+        except (KeyError, TypeError, ValueError, RecursionError) as error:
+            self.pos = max(self.pos, pos)
             raise self.fail(f"is malformed ({type(error).__name__}: {str(error)[:100]})") from None
+
+    def short(self, pos: int, count: int) -> CheckpointError:
+        """The error for ``count`` bytes claimed at ``pos`` past the end (as `take` raises it)."""
+        self.pos = pos
+        return self.fail(f"needs {count} bytes but {self.end - pos} are left")
 
     def take(self, count: int) -> int:
         """Consumes ``count`` bytes, checking they exist; returns where they start."""
@@ -548,8 +645,8 @@ class _Unpickler:
             raise self.unsafe(f"uses {op} on a {type(target).__name__}, not a dict")
         if len(items) % 2:
             raise self.fail(f"gives {op} an odd number of items")
-        for i in range(0, len(items), 2):
-            target[_key(items[i])] = items[i + 1]
+        for key, value in zip(items[::2], items[1::2], strict=True):
+            target[key if type(key) is str else _key(key)] = value
         return target
 
     def _op_setitem(self) -> None:
@@ -664,12 +761,12 @@ class _Storages:
 
     def __init__(self, path: Path, legacy: bool) -> None:
         self.path, self.legacy = path, legacy
+        self.pid_size = 6 if legacy else 5
         self.by_key: dict[str, _Storage] = {}
 
     def load(self, pid: Any) -> _Storage:
         path = self.path
-        size = 6 if self.legacy else 5
-        if type(pid) is not tuple or len(pid) != size or pid[0] != "storage":
+        if type(pid) is not tuple or len(pid) != self.pid_size or pid[0] != "storage":
             raise UnsafeCheckpointError(
                 f"{path} holds a persistent id that is not a storage reference ({type(pid).__name__} of "
                 f"{len(pid) if type(pid) is tuple else '?'} items); nothing was imported or run.",
@@ -681,7 +778,7 @@ class _Storages:
                 f"{path} holds a malformed storage reference (type, key, location, size); save it again.",
                 file=path,
             )
-        if not key or "/" in key or "\\" in key or key in (".", "..") or "\0" in key:
+        if not key.isdigit() and (not key or "/" in key or "\\" in key or key in (".", "..") or "\0" in key):
             raise UnsafeCheckpointError(
                 f"{path} holds a storage reference to {key!r}, which is not a plain name inside the "
                 f"archive's data/ folder (a path traversal); nothing was read from it.",
@@ -707,51 +804,178 @@ def _is_tar(data: Any, size: int) -> bool:
     return size >= 262 and data[257:262] == b"ustar"
 
 
-def _open_map(path: Path) -> tuple[mmap.mmap, int]:
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
+def _open_map(path: Path) -> tuple[mmap.mmap, int, int]:
+    """``(map, size, descriptor)``: the map for the pickle and the zip directory, the descriptor for the
+    small reads scattered over the file (local headers, storage counts), which `os.pread` serves without
+    mapping the pages around them (touching one header per storage would map nearly every page)."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
         if size == 0:
             raise UnsupportedFormatError(f"{path} is not a PyTorch checkpoint (it is empty).", file=path)
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), size
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ), size, fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def _local_data_offset(data: Any, size: int, info: zipfile.ZipInfo, path: Path) -> int:
+def _read_at(fd: int, position: int, count: int) -> bytes:
+    try:
+        return os.pread(fd, count, position) if position >= 0 else b""
+    except OSError as error:
+        raise CheckpointReadError(f"Reading a PyTorch checkpoint failed ({error}).") from None
+
+
+# The zip directory: torch.save writes a plain zip (stored members, ZIP64 past 4 GiB); only the central
+# directory is read, and only the fields a stored member needs.
+_END = struct.Struct("<IHHHHIIH")  # end of central directory record, 22 bytes
+_END64_LOCATOR = struct.Struct("<IIQI")  # ZIP64 end of central directory locator, 20 bytes
+_END64 = struct.Struct("<IQ4xIIQQQQ")  # ZIP64 end of central directory record, 56 bytes
+_CENTRAL = struct.Struct("<I4xHH8xIIHHH8xI")  # central directory entry, 46 bytes before its name
+_LOCAL = struct.Struct("<I22xHH")  # local header, 30 bytes before its name and extra field
+_EXTRA = struct.Struct("<HH")
+_END_SIGNATURE = b"PK\x05\x06"
+_ZIP64 = 0xFFFFFFFF
+"""A central entry's 32-bit size or offset that says: the real one is in the ZIP64 extra field."""
+
+
+class _Member(NamedTuple):
+    """One zip member as its central directory entry describes it."""
+
+    name: str
+    method: int
+    flags: int
+    header: int
+    compressed: int
+    size: int
+
+
+def _zip_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a valid PyTorch checkpoint: its zip directory {what}. The file is truncated or "
+        f"corrupt; save or download it again.",
+        file=path,
+    )
+
+
+_SEVERAL_DISKS = "spans several disks, which torch.save never writes"
+
+
+def _zip_end(path: Path, data: Any, size: int) -> tuple[int, int, int]:
+    """``(entries, directory start, directory end)`` from the end records (ZIP64 ones included)."""
+    last = size - _END.size  # where the end record starts if no comment follows it
+    if last < 0:
+        raise _zip_error(path, "is missing (the file is shorter than its end record)")
+    first, stop = max(0, last - 0xFFFF), last + 4
+    while True:  # the last signature whose comment length reaches the file's end exactly
+        end = data.rfind(_END_SIGNATURE, first, stop)
+        if end < 0:
+            raise _zip_error(path, "has no end record")
+        if end + _END.size + _U16(data, end + 20)[0] == size:
+            break
+        stop = end + 3
+    _, disk, start_disk, disk_entries, entries, length, start, _ = _END.unpack_from(data, end)
+    limit = end  # the directory lies before the end records
+    locator = end - _END64_LOCATOR.size
+    if locator >= 0 and _END64_LOCATOR.unpack_from(data, locator)[0] == 0x07064B50:
+        _, end64_disk, end64, disks = _END64_LOCATOR.unpack_from(data, locator)
+        if end64 > locator - _END64.size or _END64.unpack_from(data, end64)[0] != 0x06064B50:
+            raise _zip_error(path, f"has no ZIP64 end record at byte {end64}, where its locator points")
+        _, _, disk, start_disk, disk_entries, entries, length, start = _END64.unpack_from(data, end64)
+        limit = end64
+        if end64_disk != 0 or disks > 1:
+            raise _zip_error(path, _SEVERAL_DISKS)
+    if disk != 0 or start_disk != 0 or disk_entries != entries:
+        raise _zip_error(path, _SEVERAL_DISKS)
+    if start + length > limit or entries * _CENTRAL.size > length:
+        raise _zip_error(
+            path, f"claims {entries} entries in {length} bytes at byte {start}, past its end record"
+        )
+    return entries, start, start + length
+
+
+def _zip64_sizes(path: Path, data: Any, member: _Member, extra: int, extra_end: int) -> _Member:
+    """A member whose size, compressed size or header offset is in its ZIP64 extra field (in that order,
+    each only if the 32-bit field is 0xFFFFFFFF)."""
+    while extra + 4 <= extra_end:
+        tag, length = _EXTRA.unpack_from(data, extra)
+        extra += 4
+        if extra + length > extra_end:
+            break
+        if tag == 1:
+            values: list[int] = []
+            for value in (member.size, member.compressed, member.header):
+                if value == _ZIP64:
+                    if length < 8:
+                        raise _zip_error(path, f"has a short ZIP64 field for member {member.name}")
+                    value = _U64(data, extra)[0]
+                    extra, length = extra + 8, length - 8
+                values.append(value)
+            size, compressed, header = values
+            return member._replace(size=size, compressed=compressed, header=header)
+        extra += length
+    raise _zip_error(path, f"gives member {member.name} ZIP64 sizes but no ZIP64 field for them")
+
+
+def _zip_members(path: Path, data: Any, size: int) -> dict[str, _Member]:
+    """Every member of a zip archive by name, from its central directory; no member is read."""
+    entries, pos, end = _zip_end(path, data, size)
+    members: dict[str, _Member] = {}
+    unpack = _CENTRAL.unpack_from
+    for _ in range(entries):
+        if pos + _CENTRAL.size > end:
+            raise _zip_error(path, f"ends inside entry {len(members)} of {entries}")
+        signature, flags, method, compressed, length, name_len, extra_len, comment_len, header = unpack(
+            data, pos
+        )
+        name_end = pos + _CENTRAL.size + name_len
+        if signature != 0x02014B50 or name_end + extra_len + comment_len > end:
+            raise _zip_error(path, f"has a malformed entry at byte {pos}")
+        raw = data[pos + _CENTRAL.size : name_end]
+        try:  # names are UTF-8 when flag bit 11 says so, else code page 437 (ASCII: either)
+            name = str(raw, "utf-8") if flags & 0x800 or raw.isascii() else str(raw, "cp437")
+        except UnicodeDecodeError:
+            raise _zip_error(path, f"has a member name that is not UTF-8 ({raw[:100]!r})") from None
+        member = _Member(name, method, flags, header, compressed, length)
+        if _ZIP64 in (compressed, length, header):
+            member = _zip64_sizes(path, data, member, name_end, name_end + extra_len)
+        members[name] = member
+        pos = name_end + extra_len + comment_len
+    if len(members) != entries:
+        raise _zip_error(path, "names a member twice (readers could disagree on which one is meant)")
+    return members
+
+
+def _member_start(path: Path, fd: int, size: int, member: _Member) -> int:
     """Where a stored member's bytes start: after its local header (30 bytes, name, extra field)."""
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1:
+    if member.method != 0 or member.flags & 1:
         raise UnsafeCheckpointError(
-            f"{path}: archive member {info.filename} is compressed or encrypted; torch.save stores "
+            f"{path}: archive member {member.name} is compressed or encrypted; torch.save stores "
             f"members uncompressed, and jaxweights refuses others (a zip bomb could hide there). "
             f"Re-save the checkpoint with torch.save.",
             file=path,
         )
-    header = info.header_offset
-    if header < 0 or header + 30 > size or data[header : header + 4] != _ZIP_MAGIC:
+    header = member.header
+    fits = header + _LOCAL.size <= size
+    signature, name_len, extra_len = _LOCAL.unpack(_read_at(fd, header, _LOCAL.size)) if fits else (0, 0, 0)
+    if signature != 0x04034B50:
         raise CheckpointError(
-            f"{path}: archive member {info.filename} has no local header at byte {header}; the file is "
+            f"{path}: archive member {member.name} has no local header at byte {header}; the file is "
             f"truncated or corrupt.",
             file=path,
         )
-    name_len, extra_len = struct.unpack_from("<HH", data, header + 26)
-    start: int = header + 30 + name_len + extra_len
-    if start + info.file_size > size or info.compress_size != info.file_size:
+    start: int = header + _LOCAL.size + name_len + extra_len
+    if start + member.size > size or member.compressed != member.size:
         raise CheckpointError(
-            f"{path}: archive member {info.filename} claims {info.file_size} bytes at byte {start}, "
+            f"{path}: archive member {member.name} claims {member.size} bytes at byte {start}, "
             f"past the file's end ({size} bytes). The file is truncated; save or download it again.",
             file=path,
         )
     return start
 
 
-def _read_zip(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Storage], str]:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename: info for info in archive.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise CheckpointError(
-            f"{path} is not a valid PyTorch checkpoint: its zip directory cannot be read ({error}). The "
-            f"file is truncated or corrupt; save or download it again.",
-            file=path,
-        ) from None
+def _read_zip(path: Path, data: Any, size: int, fd: int) -> tuple[Any, dict[str, _Storage], str]:
+    members = _zip_members(path, data, size)
     pickles = sorted(name for name in members if name.endswith("/data.pkl") and name.count("/") == 1)
     if len(pickles) != 1:
         found = "no" if not pickles else f"{len(pickles)}"
@@ -770,28 +994,30 @@ def _read_zip(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Storage
     byteorder = "<"
     order = members.get(f"{prefix}/byteorder")
     if order is not None:
-        start = _local_data_offset(data, size, order, path)
-        text = bytes(data[start : start + min(order.file_size, 16)])
+        start = _member_start(path, fd, size, order)
+        text = bytes(data[start : start + min(order.size, 16)])
         if text not in (b"little", b"big"):
             raise CheckpointError(f"{path} has byteorder {text[:16]!r}; expected little or big.", file=path)
         byteorder = "<" if text == b"little" else ">"
     info = members[pickles[0]]
-    start = _local_data_offset(data, size, info, path)
+    start = _member_start(path, fd, size, info)
     storages = _Storages(path, legacy=False)
-    root = _Unpickler(data, start, start + info.file_size, path, storages.load).load()
+    pickled = bytes(data[start : start + info.size])  # a copy: the pickle may not read past its member
+    root = _Unpickler(pickled, 0, path, storages.load, base=start).load()
+    folder = f"{prefix}/data/"
     for key, storage in storages.by_key.items():
-        member = members.get(f"{prefix}/data/{key}")
+        member = members.get(folder + key)
         if member is None:
             raise CheckpointError(
                 f"{path} has no storage {key!r} ({prefix}/data/{key}) that its pickle refers to. The "
                 f"archive is incomplete; save it again.",
                 file=path,
             )
-        storage.start = _local_data_offset(data, size, member, path)
-        if member.file_size != storage.nbytes:
+        storage.start = _member_start(path, fd, size, member)
+        if member.size != storage.nbytes:
             tensor = _first_user(root, key, path)
             raise CheckpointError(
-                f"{path}: storage {key!r} (of tensor {tensor!r}) holds {member.file_size} bytes, but the "
+                f"{path}: storage {key!r} (of tensor {tensor!r}) holds {member.size} bytes, but the "
                 f"pickle declares {storage.numel} x {storage.kind.name} ({storage.nbytes} bytes). The "
                 f"archive is corrupt; save it again.",
                 file=path,
@@ -811,13 +1037,13 @@ def _first_user(root: Any, key: str, path: Path) -> str | None:
     return None
 
 
-def _read_legacy(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Storage], str]:
+def _read_legacy(path: Path, data: Any, size: int, fd: int) -> tuple[Any, dict[str, _Storage], str]:
     def plain(position: int, what: str) -> tuple[Any, int]:
         if position >= size or data[position] != 0x80:
             raise CheckpointError(
                 f"{path} is not a valid legacy PyTorch checkpoint: {what} is missing.", file=path
             )
-        unpickler = _Unpickler(data, position, size, path, None)
+        unpickler = _Unpickler(data, position, path, None)
         return unpickler.load(), unpickler.pos
 
     magic, pos = plain(0, "the magic number")
@@ -841,7 +1067,7 @@ def _read_legacy(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Stor
         )
     byteorder = "<" if sys_info["little_endian"] else ">"
     storages = _Storages(path, legacy=True)
-    unpickler = _Unpickler(data, pos, size, path, storages.load)
+    unpickler = _Unpickler(data, pos, path, storages.load)
     root = unpickler.load()
     keys, pos = plain(unpickler.pos, "the list of storage keys")
     if (
@@ -861,7 +1087,7 @@ def _read_legacy(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Stor
             raise CheckpointError(
                 f"{path} ends before storage {key!r} (truncated); download it again.", file=path
             )
-        (count,) = struct.unpack_from(count_format, data, pos)
+        (count,) = struct.unpack(count_format, _read_at(fd, pos, 8))
         if count != storage.numel:
             raise CheckpointError(
                 f"{path}: storage {key!r} holds {count} elements, but the pickle declares {storage.numel}.",
@@ -883,9 +1109,15 @@ def _read_legacy(path: Path, data: Any, size: int) -> tuple[Any, dict[str, _Stor
 # ---------------------------------------------------------------------------------------------
 
 
-def _tensor_info(path: Path, name: str, tensor: _Tensor, byteorder: str) -> TensorInfo:
-    storage = tensor.storage
-    dtype = tensor.dtype
+def _tensor_info(
+    path: Path,
+    name: str,
+    tensor: _Tensor,
+    byteorder: str,
+    layouts: dict[tuple[int, ...], tuple[tuple[int, ...], int] | None],
+) -> TensorInfo:
+    """Checks a tensor's view against its storage; ``layouts`` caches each shape's C strides and size."""
+    storage, offset, shape, strides, dtype, _ = tensor
     if dtype is None:
         raise DTypeError(
             f"Tensor {name!r} in {path} has element type {tensor.dtype_name}, which jaxweights cannot "
@@ -894,17 +1126,26 @@ def _tensor_info(path: Path, name: str, tensor: _Tensor, byteorder: str) -> Tens
             file=path,
             tensor=name,
         )
-    shape, strides, offset = tensor.shape, tensor.strides, tensor.offset
-    itemsize = dtype.size_in_bytes
-    if len(strides) != len(shape) or any(d < 0 for d in shape) or any(s < 0 for s in strides) or offset < 0:
-        raise CheckpointError(
-            f"Tensor {name!r} in {path} has size {shape}, stride {strides} and offset {offset}, which no "
-            f"tensor can have. The file is corrupt.",
-            file=path,
-            tensor=name,
-        )
-    count = element_count(shape)
-    span = 0 if count == 0 else 1 + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+    itemsize = _ITEMSIZES[dtype]
+    if shape in layouts:
+        layout = layouts[shape]
+    else:
+        valid = all(d >= 0 for d in shape)
+        layout = layouts[shape] = (c_strides(shape, 1), element_count(shape)) if valid else None
+    if layout is not None and strides == layout[0] and offset >= 0:  # C-contiguous: the common case
+        count = span = layout[1]
+        contiguous = True
+    else:
+        if len(strides) != len(shape) or layout is None or any(s < 0 for s in strides) or offset < 0:
+            raise CheckpointError(
+                f"Tensor {name!r} in {path} has size {shape}, stride {strides} and offset {offset}, which "
+                f"no tensor can have. The file is corrupt.",
+                file=path,
+                tensor=name,
+            )
+        expected, count = layout
+        span = 0 if count == 0 else 1 + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+        contiguous = all(d <= 1 or a == b for d, a, b in zip(shape, strides, expected, strict=True))
     if (offset + span) * itemsize > storage.nbytes:
         raise CheckpointError(
             f"Tensor {name!r} in {path} views elements {offset} to {offset + span} of storage "
@@ -914,42 +1155,47 @@ def _tensor_info(path: Path, name: str, tensor: _Tensor, byteorder: str) -> Tens
             tensor=name,
         )
     start = storage.start + offset * itemsize
-    contiguous = all(d <= 1 or a == b for d, a, b in zip(shape, strides, c_strides(shape, 1), strict=True))
     if contiguous:
         return TensorInfo(name, dtype, shape, path, start, start + count * itemsize, None, byteorder)
     return TensorInfo(name, dtype, shape, path, start, start + span * itemsize, None, byteorder, strides)
 
 
-def _is_leaf(value: Any) -> bool:
-    return value is None or type(value) in (str, int, float, bool)
+_LEAF_TYPES = frozenset((str, int, float, bool))
+"""Plain values that become metadata (so does None)."""
 
 
-def _walk(root: Any, path: Path) -> Iterator[tuple[str, Any]]:
+def _walk(root: Any, path: Path) -> list[tuple[str, Any]]:
     """``(dotted name, tensor or plain value)`` for every leaf under ``root``, in the pickle's order."""
-    todo: list[tuple[str, Any, int]] = [("", root, 0)]
-    visited = 0
-    while todo:
-        name, value, depth = todo.pop()
+    found: list[tuple[str, Any]] = []
+    todo: list[tuple[str, Iterator[tuple[Any, Any]]]] = []  # open containers: name prefix, children left
+    name, value, visited = "", root, 0
+    while True:
         visited += 1
-        if visited > MAX_LEAVES or depth > MAX_DEPTH:
+        if visited > MAX_LEAVES or len(todo) > MAX_DEPTH:
             raise CheckpointError(
                 f"{path} nests its objects deeper than {MAX_DEPTH} or names more than {MAX_LEAVES} "
                 f"objects (counting shared ones again); it is not a checkpoint torch.save would write.",
                 file=path,
             )
-        if type(value) is _Tensor or _is_leaf(value):
-            yield name, value
-            continue
-        if type(value) is _TorchDType:
-            yield name, f"torch.{value.name}"
-            continue
-        if isinstance(value, dict):
-            children = [(f"{name}.{k}" if name else str(k), v) for k, v in value.items()]
-        elif type(value) in (list, tuple):
-            children = [(f"{name}.{i}" if name else str(i), v) for i, v in enumerate(value)]
+        kind = type(value)
+        if kind is _Tensor or value is None or kind in _LEAF_TYPES:
+            found.append((name, value))
+        elif kind is _TorchDType:
+            found.append((name, f"torch.{value.name}"))
+        elif isinstance(value, dict):
+            todo.append((f"{name}." if name else "", iter(value.items())))
+        elif kind is list or kind is tuple:
+            todo.append((f"{name}." if name else "", enumerate(value)))
+        # else: bytes, sets, storages on their own: neither tensors nor metadata
+        while todo:
+            prefix, children = todo[-1]
+            child = next(children, None)
+            if child is not None:
+                name, value = f"{prefix}{child[0]}", child[1]
+                break
+            todo.pop()
         else:
-            continue  # bytes, sets, storages on their own: neither tensors nor metadata
-        todo.extend((child, v, depth + 1) for child, v in reversed(children))
+            return found
 
 
 def read_torch(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int]:
@@ -972,7 +1218,12 @@ def read_torch(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int]:
         Traceback (most recent call last):
         jaxweights.errors.UnsafeCheckpointError: ... names the global 'os.system', which is not on the allow-list ...
     """
-    data, size = _open_map(path)
+    with gc_paused():  # tens of thousands of small objects, no cycles: see gc_paused
+        return _read_file(path)
+
+
+def _read_file(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int]:
+    data, size, fd = _open_map(path)
     try:
         if _is_tar(data, size):
             raise UnsupportedFormatError(
@@ -981,22 +1232,24 @@ def read_torch(path: Path) -> tuple[list[TensorInfo], dict[str, Any], int]:
                 file=path,
             )
         if data[:4] == _ZIP_MAGIC:
-            root, storages, byteorder = _read_zip(path, data, size)
+            root, storages, byteorder = _read_zip(path, data, size, fd)
         elif data[0] == 0x80:
-            root, storages, byteorder = _read_legacy(path, data, size)
+            root, storages, byteorder = _read_legacy(path, data, size, fd)
         else:
             raise UnsupportedFormatError(
                 f"{path} is not a PyTorch checkpoint (it starts with {bytes(data[:8])!r}).", file=path
             )
     finally:
         data.close()
+        os.close(fd)
     if any(storage.start < 0 for storage in storages.values()):  # pragma: no cover - located above
         raise CheckpointError(f"{path} has a storage that could not be located.", file=path)
     tensors: list[TensorInfo] = []
     metadata: dict[str, Any] = {}
+    layouts: dict[tuple[int, ...], tuple[tuple[int, ...], int] | None] = {}
     for name, value in _walk(root, path):
         if type(value) is _Tensor:
-            tensors.append(_tensor_info(path, name, value, byteorder))
+            tensors.append(_tensor_info(path, name, value, byteorder, layouts))
         else:
             metadata[name] = value
     return tensors, metadata, size
