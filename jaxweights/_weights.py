@@ -439,6 +439,8 @@ class Weights:
 
     def __contains__(self, key: object) -> bool:
         if isinstance(key, (int, str)) and not isinstance(key, bool):
+            if isinstance(key, int) and not -(10**18) < key < 10**18:
+                return False  # no checkpoint numbers a child past 10**18 (and str() of 5000 digits fails)
             child = join(self._prefix, str(key))
             return child in self._store.checkpoint or self._store.index.count_under(child) > 0
         return False
@@ -538,7 +540,8 @@ class Weights:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self._store.checkpoint.sources, self._prefix))
+        checkpoint = self._store.checkpoint
+        return (_reopen, (checkpoint.sources, self._prefix, checkpoint.mapped))
 
     # -- the protocol --------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -1001,17 +1004,23 @@ def _device_ref(array: jax.Array) -> DeviceRef | None:
     return DeviceRef.from_jax(next(iter(devices)))
 
 
-def _reopen(sources: tuple[os.PathLike[str], ...], prefix: str) -> Weights:
-    root = load_weights(list(sources))
+def _reopen(sources: tuple[os.PathLike[str], ...], prefix: str, mapped: bool = True) -> Weights:
+    root = load_weights(list(sources), mmap=mapped)
     return root[prefix] if prefix else root
 
 
-def load_weights(paths: PathsLike) -> Weights:
+def load_weights(paths: PathsLike, *, mmap: bool = True) -> Weights:
     """Opens a checkpoint and returns the root accessor.
 
     Args:
         paths: a file, a folder (its ``model.safetensors.index.json`` if present, else every
             ``*.safetensors``), an index file, or a list of these. The format is sniffed from magic bytes.
+        mmap: True (the default) maps the files: `Weights.data` is a zero-copy view and CPU arrays of
+            64-byte aligned tensors alias the file's pages. Files replaced by `save` or by a rename never
+            affect them, but a program writing *into* the file (``cp other.safetensors model.safetensors``,
+            a truncation) changes them or kills the process on access (SIGBUS), as with any mapped file.
+            False never maps a page: every read is a copy into memory jaxweights owns, for network
+            filesystems and for files that may be rewritten in place.
 
     Raises:
         CheckpointNotFoundError: a path does not exist, or the list is empty.
@@ -1026,10 +1035,10 @@ def load_weights(paths: PathsLike) -> Weights:
         >>> sorted(name for name, _ in jw.load_weights(folder).items())
         ['a.w', 'b.w']
     """
-    return Weights(_Store(open_checkpoint(paths)))
+    return Weights(_Store(open_checkpoint(paths, mmap=mmap)))
 
 
-def restore(paths: PathsLike, target: Any, **options: Any) -> Any:
+def restore(paths: PathsLike, target: Any, *, mmap: bool = True, **options: Any) -> Any:
     """`load_weights(paths).restore(target, **options)`: a checkpoint into a target pytree in one call.
 
     Example:
@@ -1038,4 +1047,4 @@ def restore(paths: PathsLike, target: Any, **options: Any) -> Any:
         >>> jw.restore(folder, {"w": jnp.zeros(3)})["w"].tolist()
         [0.0, 1.0, 2.0]
     """
-    return load_weights(paths).restore(target, **options)
+    return load_weights(paths, mmap=mmap).restore(target, **options)

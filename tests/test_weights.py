@@ -180,6 +180,7 @@ def test_iteration_len_bool_and_contains_are_finite(weights: jw.Weights) -> None
     assert bool(weights.embeddings.weight) and bool(weights.transformer) and not weights.nothing
     assert 0 in weights.transformer.layers and "attention" in weights.transformer.layers[0]
     assert 12 not in weights.transformer.layers
+    assert 10**5000 not in weights.transformer.layers and -(10**30) not in weights.transformer.layers
 
 
 def test_dir_lists_next_segments_for_tab_completion(weights: jw.Weights) -> None:

@@ -25,8 +25,15 @@ import numpy as np
 from .._buffers import ALIGNMENT, aligned_empty
 from .._dtypes import DType, unpack_nibbles
 from .._quantization import QuantizationEncoding
-from .._shapes import c_strides, element_count
-from ..errors import ArgumentError, CheckpointError, ShapeMismatchError
+from .._shapes import MAX_DIMS, c_strides, element_count, shape_problem
+from ..errors import (
+    ArgumentError,
+    CheckpointChangedError,
+    CheckpointError,
+    CheckpointReadError,
+    ShapeMismatchError,
+)
+from ._files import FileIdentity, open_regular
 
 __all__ = ["NATIVE_ORDER", "Checkpoint", "TensorInfo", "WeightsFormat", "first_overlap"]
 
@@ -140,38 +147,125 @@ def first_overlap(tensors: Iterable[TensorInfo]) -> tuple[TensorInfo, TensorInfo
 
 
 class _OpenFile:
-    """One checkpoint file: an open descriptor, and a read-only map made on first use."""
+    """One checkpoint file: an open descriptor, and a read-only map made on first use.
 
-    def __init__(self, path: Path, size: int | None) -> None:
+    Opening checks the file is still the one validated (`FileIdentity`); so does every `check` (each read
+    calls it). Closing while reads are in flight waits for the last one to finish (`acquire`/`release`):
+    a descriptor is never closed under a running ``preadv``, where it could be reused for another file.
+    """
+
+    def __init__(self, path: Path, identity: FileIdentity | None) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self.fd).st_size if size is None else size
+        self.fd = open_regular(path)
+        try:
+            status = os.fstat(self.fd)
+            if identity is not None:
+                identity.check(status, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.identity = identity or FileIdentity.of(status)
+        self.size = self.identity.size
         self._map: mmap.mmap | None = None
         self._lock = threading.Lock()
+        self._users = 0
+        self._closing = False
+
+    def check(self) -> None:
+        """Raises `CheckpointChangedError` if the file was truncated, rewritten or touched since opening
+        (its descriptor keeps the inode: a file replaced by rename is still read whole and unchanged)."""
+        try:
+            status = os.fstat(self.fd)
+        except OSError as error:
+            raise CheckpointReadError(f"{self.path} cannot be read ({error}).", file=self.path) from None
+        self.identity.check(status, self.path)
 
     def map(self) -> mmap.mmap:
         """The file's read-only map. Touching a page past a truncated file's end would kill the
-        process (SIGBUS), so every call first checks the file still has the size it was opened with."""
+        process (SIGBUS), so every call first checks the file is unchanged."""
         with self._lock:
-            size = os.fstat(self.fd).st_size
-            if size != self.size:
-                raise CheckpointError(
-                    f"{self.path} changed size since it was opened ({self.size} -> {size} bytes). It "
-                    f"was truncated or replaced; re-open the checkpoint.",
-                    file=self.path,
-                )
+            self.check()
             if self._map is None:
-                self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+                try:
+                    self._map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError) as error:
+                    raise CheckpointReadError(
+                        f"{self.path} cannot be memory-mapped ({error}); open it with "
+                        f"jw.load_weights(path, mmap=False) to read it with plain reads.",
+                        file=self.path,
+                    ) from None
             return self._map
 
+    def acquire(self) -> None:
+        with self._lock:
+            if self._closing:
+                raise CheckpointError(
+                    f"The checkpoint over {self.path} is closed; open it again.", file=self.path
+                )
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        if last:
+            self._close_now()
+
     def close(self) -> None:
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # arrays still alias the map: unmapped with the last
-                self._map.close()
-            self._map = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        with self._lock:
+            self._closing = True
+            busy = self._users > 0
+        if not busy:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        with self._lock:
+            if self._map is not None:
+                with contextlib.suppress(BufferError):  # arrays still alias the map: unmapped with the last
+                    self._map.close()
+                self._map = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _check_shapes(tensors: Iterable[TensorInfo]) -> None:
+    """Refuses shapes no array can have, whatever the format said (`shape_problem`: too many dimensions,
+    or non-zero dimensions multiplying past 2**60). A tensor with elements is already bounded by its bytes
+    in the file; an empty one (``[0, 2**63]``) is not, so every format's catalogue is checked here."""
+    for info in tensors:
+        shape = info.shape
+        if len(shape) <= 1 or (len(shape) <= MAX_DIMS and 0 not in shape and info.end > info.start):
+            continue  # a 1-d shape or one with stored elements cannot overflow: the bytes bound it
+        problem = shape_problem(shape)
+        if problem is not None:
+            shown = f"{list(shape)[:8]}{'...' if len(shape) > 8 else ''}"
+            raise CheckpointError(
+                f"Tensor {info.name!r} in {info.file} has shape {shown}: {problem}, which no array can "
+                f"have. The file is corrupt or hostile; get it again from its source.",
+                file=info.file,
+                tensor=info.name,
+            )
+
+
+def _identities(files: Sequence[Path], validated: Mapping[Path, int]) -> dict[Path, FileIdentity]:
+    """Each file's `FileIdentity` now, just after its header was validated; a size other than the one
+    the parser saw means the file changed while it was being opened."""
+    found: dict[Path, FileIdentity] = {}
+    for path in files:
+        try:
+            identity = FileIdentity.of(os.stat(path))
+        except OSError:
+            continue  # reported, as ours, when the file is first read
+        size = validated.get(path)
+        if size is not None and size != identity.size:
+            raise CheckpointChangedError(
+                f"{path} changed size while it was being opened ({size} -> {identity.size} bytes). Wait "
+                f"for the writer to finish, then open it again.",
+                file=path,
+            )
+        found[path] = identity
+    return found
 
 
 class Checkpoint(Mapping[str, TensorInfo]):
@@ -193,14 +287,18 @@ class Checkpoint(Mapping[str, TensorInfo]):
         file_sizes: Mapping[Path, int] | None = None,
         sources: tuple[Path, ...] = (),
     ) -> None:
+        _check_shapes(tensors.values())
         self.format = format
         self._tensors = tensors
         self.files = tuple(files)
         self.metadata: Mapping[str, Any] = {} if metadata is None else metadata  # may be lazy (GGUF)
         self.file_metadata: Mapping[Path, Mapping[str, Any]] = dict(file_metadata or {})
         self.sources = sources or self.files
-        self._sizes = dict(file_sizes or {})  # as validated: a file that changes since is refused
+        self._identity = _identities(self.files, file_sizes or {})  # a file that changes since is refused
         self._open: dict[Path, _OpenFile] = {}
+        self.mapped = True
+        """False: every read is a `preadv` into memory jaxweights owns; no file page is ever mapped, so
+        no array or view can change or fault when its file is rewritten (`open_checkpoint(mmap=False)`)."""
         self._lock = threading.Lock()
         self._bytes_copied = 0
         self._copy_calls = 0
@@ -225,22 +323,37 @@ class Checkpoint(Mapping[str, TensorInfo]):
         return sum(info.nbytes for info in self._tensors.values())
 
     # -- files -------------------------------------------------------------------------------
-    def _file(self, path: Path) -> _OpenFile:
-        if self.closed:
-            raise CheckpointError(f"The checkpoint over {path} is closed; open it again.", file=path)
+    @contextlib.contextmanager
+    def _file(self, path: Path) -> Iterator[_OpenFile]:
+        """The open file, held open (against a concurrent `close`) while the block runs."""
         with self._lock:
+            if self.closed:
+                raise CheckpointError(f"The checkpoint over {path} is closed; open it again.", file=path)
             handle = self._open.get(path)
             if handle is None:
-                handle = self._open[path] = _OpenFile(path, self._sizes.get(path))
-            return handle
+                handle = self._open[path] = _OpenFile(path, self._identity.get(path))
+            handle.acquire()
+        try:
+            yield handle
+        finally:
+            handle.release()
+
+    def _mapped(self, path: Path) -> np.ndarray:
+        """The whole file as a read-only uint8 array over its map. Made while the file is held, so a
+        concurrent `close` either comes first (an error here) or finds the map in use and leaves it to
+        the arrays that view it."""
+        with self._file(path) as handle:
+            return np.frombuffer(handle.map(), dtype=np.uint8)
 
     def close(self) -> None:
-        """Closes every file. Arrays that alias mapped file pages stay valid."""
+        """Closes every file; reads in flight on other threads finish first, later ones raise
+        `CheckpointError`. Arrays that alias mapped file pages stay valid."""
         with self._lock:
-            for handle in self._open.values():
-                handle.close()
+            handles = list(self._open.values())
             self._open.clear()
             self.closed = True
+        for handle in handles:
+            handle.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -256,9 +369,20 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     # -- reading -----------------------------------------------------------------------------
     def raw_view(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's bytes as a read-only uint8 view over the file map (zero-copy)."""
-        mapped = self._file(info.file).map()
-        return np.frombuffer(mapped, dtype=np.uint8, count=info.nbytes, offset=info.start)
+        """The tensor's bytes as a read-only uint8 view over the file map (zero-copy), or, when the
+        checkpoint is not `mapped`, as a read-only copy."""
+        if not self.mapped:
+            out = aligned_empty((info.nbytes,), np.dtype(np.uint8))
+            self._read_bytes(info, out.data.cast("B"), info.start)
+            self._count(info.nbytes)
+            out.flags.writeable = False
+            return out
+        out = self._mapped(info.file)[info.start : info.end]
+        if out.size != info.nbytes:  # the identity check makes this unreachable; a slice would truncate
+            raise CheckpointChangedError(
+                f"{info.file} is shorter than tensor {info.name!r} needs.", file=info.file
+            )
+        return out
 
     def release(self, info: TensorInfo, offset: int = 0, length: int | None = None) -> None:
         """Drops this process's mapping of a tensor's file pages (they stay in the page cache).
@@ -267,14 +391,15 @@ class Checkpoint(Mapping[str, TensorInfo]):
         for arrays that alias the map: their pages fault back in from the cache on next access.
         """
         handle = self._open.get(info.file)
-        if handle is None or handle._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        mapped = None if handle is None else handle._map  # read once: a concurrent close may drop it
+        if handle is None or mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         length = info.nbytes - offset if length is None else length
         first = (info.start + offset) // mmap.PAGESIZE * mmap.PAGESIZE
         last = min(info.start + offset + length, handle.size)
         if last > first:
             with contextlib.suppress(OSError, ValueError):  # best effort
-                handle._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def view(self, info: TensorInfo) -> np.ndarray:
         """The tensor as a read-only numpy array of its logical shape.
@@ -310,12 +435,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
         bases: dict[Path, np.ndarray] = {}
         out: list[np.ndarray] = []
         for info in infos:
-            if info.strides is not None or info.encoding is not None or info.dtype.is_packed or info.swapped:
+            plain = not (info.strides is not None or info.encoding is not None or info.dtype.is_packed)
+            if not plain or info.swapped or not self.mapped:
                 out.append(self.view(info))
                 continue
             base = bases.get(info.file)
             if base is None:
-                base = bases[info.file] = np.frombuffer(self._file(info.file).map(), dtype=np.uint8)
+                base = bases[info.file] = self._mapped(info.file)
             out.append(base[info.start : info.end].view(info.dtype.to_numpy()).reshape(info.shape))
         return out
 
@@ -341,21 +467,33 @@ class Checkpoint(Mapping[str, TensorInfo]):
                 file=info.file,
                 tensor=info.name,
             )
-        handle = self._file(info.file)
-        buffer = flat.data.cast("B")
-        position, done, total = info.start + offset, 0, flat.nbytes
-        while done < total:
-            count = os.preadv(handle.fd, [buffer[done:]], position + done)
-            if count <= 0:
-                raise CheckpointError(
-                    f"{info.file} ended after {position + done} bytes while reading tensor {info.name!r} "
-                    f"(expected {position + total}). The file was truncated or replaced after opening; "
-                    f"re-open the checkpoint.",
-                    file=info.file,
-                    tensor=info.name,
-                )
-            done += count
-        self._count(total)
+        self._read_bytes(info, flat.data.cast("B"), info.start + offset)
+        self._count(flat.nbytes)
+
+    def _read_bytes(self, info: TensorInfo, buffer: memoryview, position: int) -> None:
+        """Fills ``buffer`` from ``position`` in the tensor's file with `preadv`, the file checked first."""
+        done, total = 0, len(buffer)
+        with self._file(info.file) as handle:
+            handle.check()
+            while done < total:
+                try:
+                    count = os.preadv(handle.fd, [buffer[done:]], position + done)
+                except OSError as error:
+                    raise CheckpointReadError(
+                        f"Reading tensor {info.name!r} from {info.file} failed ({error.strerror or error}); "
+                        f"check the disk or the network filesystem, then retry.",
+                        file=info.file,
+                        tensor=info.name,
+                    ) from None
+                if count <= 0:
+                    raise CheckpointChangedError(
+                        f"{info.file} ended after {position + done} bytes while reading tensor "
+                        f"{info.name!r} (expected {position + total}). The file was truncated after "
+                        f"opening; re-open the checkpoint.",
+                        file=info.file,
+                        tensor=info.name,
+                    )
+                done += count
 
     def copy_block(
         self, info: TensorInfo, out: np.ndarray, key: tuple[tuple[int, int], ...], *, release: bool = True
@@ -363,7 +501,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
         """``out[...] = tensor[key]``, converting to ``out.dtype``; ``key`` holds ``(start, stop)`` per
         dimension. Counts the bytes read and, with ``release``, releases the file pages the block spans
         (pass False when other blocks still need those pages)."""
-        source = self.view(info)[tuple(slice(start, stop) for start, stop in key)]
+        if not self.mapped and info.contiguous and key:  # read the rows the block spans, no more
+            (first_row, last_row), rest = key[0], key[1:]
+            row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            rows = aligned_empty((max(0, last_row - first_row) * row_bytes,), np.dtype(np.uint8))
+            self._read_bytes(info, rows.data.cast("B"), info.start + first_row * row_bytes)
+            band = rows.view(info.dtype.to_numpy()).reshape(last_row - first_row, *info.shape[1:])
+            if info.swapped:
+                band = band.byteswap()
+            source = band[(slice(None), *(slice(start, stop) for start, stop in rest))]
+        else:
+            source = self.view(info)[tuple(slice(start, stop) for start, stop in key)]
         np.copyto(out, source, casting="unsafe")
         itemsize = info.dtype.size_in_bytes
         if source.size and release:
