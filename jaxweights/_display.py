@@ -1,6 +1,7 @@
 """Text and HTML views of a checkpoint's tree: names, dtypes, shapes, sizes.
 
-Display reads only the catalogue, never tensor bytes, so it is instant on any checkpoint size.
+Display reads only the catalogue, never tensor bytes, so it is instant on any checkpoint size, and never
+recurses, so a name thousands of segments deep displays like any other.
 """
 
 from __future__ import annotations
@@ -36,17 +37,9 @@ def format_bytes(count: int) -> str:
 class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
     tensor: TensorInfo | None = None
-
-    def signature(self) -> tuple[object, ...]:
-        own = (self.tensor.dtype, self.tensor.shape) if self.tensor else None
-        return (own, tuple((k, v.signature()) for k, v in self.children.items()))
-
-    def stats(self) -> tuple[int, int]:
-        count, nbytes = (1, self.tensor.nbytes) if self.tensor else (0, 0)
-        for child in self.children.values():
-            c, b = child.stats()
-            count, nbytes = count + c, nbytes + b
-        return count, nbytes
+    count: int = 0  # tensors at or under this node
+    nbytes: int = 0
+    layout: int = 0  # equal numbers: equal trees of names, dtypes and shapes (what a run collapses)
 
 
 def _in_view(name: str, prefix: str) -> bool:
@@ -55,7 +48,11 @@ def _in_view(name: str, prefix: str) -> bool:
 
 
 def _build(checkpoint: Checkpoint, prefix: str) -> _Node:
+    """The tree under ``prefix``, children in natural order, with counts, sizes and layouts filled in.
+
+    Built and summarised without recursion (a name of 1,000 dots is 1,000 levels deep)."""
     root = _Node()
+    nodes = [root]  # parents before their children
     skip = len(prefix) + 1 if prefix else 0
     for name, info in checkpoint.items():
         if not _in_view(name, prefix):
@@ -63,16 +60,24 @@ def _build(checkpoint: Checkpoint, prefix: str) -> _Node:
         node = root
         relative = name[skip:] if name != prefix else ""
         for part in relative.split(".") if relative else []:
-            node = node.children.setdefault(part, _Node())
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+                nodes.append(child)
+            node = child
         node.tensor = info
-    _sort(root)
+    layouts: dict[tuple[object, ...], int] = {}
+    for node in reversed(nodes):  # children first
+        node.children = dict(sorted(node.children.items(), key=lambda kv: segment_key(kv[0])))
+        tensor = node.tensor
+        own = (tensor.dtype, tensor.shape, tensor.encoding) if tensor is not None else None
+        node.count = (tensor is not None) + sum(child.count for child in node.children.values())
+        node.nbytes = (tensor.nbytes if tensor is not None else 0) + sum(
+            child.nbytes for child in node.children.values()
+        )
+        shape = (own, *((label, child.layout) for label, child in node.children.items()))
+        node.layout = layouts.setdefault(shape, len(layouts))
     return root
-
-
-def _sort(node: _Node) -> None:
-    node.children = dict(sorted(node.children.items(), key=lambda kv: segment_key(kv[0])))
-    for child in node.children.values():
-        _sort(child)
 
 
 def _leaf_text(info: TensorInfo) -> str:
@@ -80,25 +85,31 @@ def _leaf_text(info: TensorInfo) -> str:
     return f"{kind}{list(info.shape)}  {format_bytes(info.nbytes)}"
 
 
-def _lines(node: _Node, indent: str, collapse: bool, out: list[str]) -> None:
-    items = list(node.children.items())
-    index = 0
-    while index < len(items):
+def _is_number(label: str) -> bool:
+    return label.isascii() and label.isdigit()
+
+
+def _lines(root: _Node, collapse: bool, out: list[str]) -> None:
+    """Appends the tree's lines depth first, with an explicit stack instead of recursion."""
+    stack: list[tuple[list[tuple[str, _Node]], int, str]] = [(list(root.children.items()), 0, "")]
+    while stack:
+        items, index, indent = stack.pop()
+        if index >= len(items):
+            continue
         label, child = items[index]
         run = 1
-        if collapse and label.isdigit():
-            signature = child.signature()
+        if collapse and _is_number(label):
             while (
                 index + run < len(items)
-                and items[index + run][0].isdigit()
-                and items[index + run][1].signature() == signature
+                and _is_number(items[index + run][0])
+                and items[index + run][1].layout == child.layout
             ):
                 run += 1
         last = index + run >= len(items)
         # merge chains of single-child prefixes into one dotted label
         while child.tensor is None and len(child.children) == 1:
             ((segment, grandchild),) = child.children.items()
-            if collapse and segment.isdigit():
+            if collapse and _is_number(segment):
                 break
             label, child = f"{label}.{segment}", grandchild
         branch, pad = ("└── ", "    ") if last else ("├── ", "│   ")
@@ -106,15 +117,16 @@ def _lines(node: _Node, indent: str, collapse: bool, out: list[str]) -> None:
         if run > 1:
             first, final = items[index][0], items[index + run - 1][0]
             note = f"  (x{run}: {first}..{final} share this layout)"
+        stack.append((items, index + run, indent))  # this level goes on after the child's lines
         if child.tensor is not None and not child.children:
             out.append(f"{indent + branch + label:<56} {_leaf_text(child.tensor)}{note}")
         else:
-            count, nbytes = child.stats()
-            out.append(f"{indent}{branch}{label}  [{count} tensors, {format_bytes(nbytes)}]{note}")
+            out.append(
+                f"{indent}{branch}{label}  [{child.count} tensors, {format_bytes(child.nbytes)}]{note}"
+            )
             if child.tensor is not None:
                 out.append(f"{indent}{pad}(itself) {_leaf_text(child.tensor)}")
-            _lines(child, indent + pad, collapse, out)
-        index += run
+            stack.append((list(child.children.items()), 0, indent + pad))
 
 
 def tree_text(
@@ -122,7 +134,7 @@ def tree_text(
 ) -> str:
     """The tree under ``prefix`` as text, with a one-line header of counts, sizes and dtypes."""
     root = _build(checkpoint, prefix)
-    count, nbytes = root.stats()
+    count, nbytes = root.count, root.nbytes
     shown = [info for name, info in checkpoint.items() if _in_view(name, prefix)]
     params = sum(info.size for info in shown)
     dtypes = Counter((info.encoding.name if info.encoding else info.dtype.name) for info in shown)
@@ -132,7 +144,7 @@ def tree_text(
     lines = [f"{title}: {count} tensors, {params:,} parameters, {format_bytes(nbytes)} ({kinds})"]
     if root.tensor is not None:
         lines.append(f"(itself) {_leaf_text(root.tensor)}")
-    _lines(root, "", collapse, lines)
+    _lines(root, collapse, lines)
     if max_lines is not None and len(lines) > max_lines:
         hidden = len(lines) - max_lines
         lines = [*lines[:max_lines], f"... {hidden} more lines (summary(max_lines=None) shows all)"]

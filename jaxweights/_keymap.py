@@ -177,8 +177,11 @@ def _positive_int(value: Any) -> int | None:
     """A head count from metadata: an integer, or a string of digits (safetensors metadata is text)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 18):  # not "²", not 5000 digits
+            return None
+        value = int(text)
     try:
         number = operator.index(value)
     except TypeError:

@@ -34,9 +34,22 @@ def segment_key(segment: str) -> SegmentKey:
     return (1, 0, segment, "")
 
 
+_SHORT = 0xD800 - 0x20  # digit counts written as one character, below the surrogates
+_LONG = chr(0xE000)  # leads the count of a longer number, written in decimal after its own length
+
+
+def _length_key(count: int) -> str:
+    """A string that sorts as ``count`` does: one character for any real name, a decimal count (itself
+    led by its length) past 55,264 digits, where one character would run out of code points."""
+    if count < _SHORT:
+        return chr(0x20 + count)
+    written = str(count)
+    return f"{_LONG}{chr(0x20 + len(written))}{written}"
+
+
 def _number_key(segment: str) -> str:
     digits = segment.lstrip("0") or "0"
-    key = f"{_NUMBER}{chr(0x20 + len(digits))}{digits}"
+    key = f"{_NUMBER}{_length_key(len(digits))}{digits}"
     return key if digits == segment else f"{key}{_NUMBER}{segment}"
 
 

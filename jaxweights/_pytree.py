@@ -18,6 +18,7 @@ from .errors import StructureMismatchError
 
 __all__ = [
     "LEAVES_KEY",
+    "MAX_DEPTH",
     "SCALAR_TYPES",
     "Leaf",
     "flatten_target",
@@ -158,26 +159,54 @@ def split_module(target: Any) -> tuple[Any, Callable[[Any], Any]] | None:
     return (states[0] if single else jax.tree_util.tree_unflatten(treedef, states)), merge
 
 
+MAX_DEPTH = 256
+"""The deepest nesting `nest` builds: jax's pytree functions recurse once per level and fail near Python's
+recursion limit (1000 levels by default); real checkpoints nest fewer than 20."""
+
+_MISSING = object()
+
+
 def nest(items: Iterable[tuple[str, Any]], *, lists: bool = True) -> Any:
     """Nested dicts from ``(dotted relative name, value)`` pairs; numbered children that run 0..n-1 become
-    lists when ``lists`` is set. A lone ``("", value)`` is the value itself.
+    lists when ``lists`` is set. A lone ``("", value)`` is the value itself. Never recurses, so names
+    with thousands of segments cost no more than their length.
 
     Raises:
-        StructureMismatchError: a name is both a tensor and a prefix of others (``a`` and ``a.b``).
+        StructureMismatchError: a name is both a tensor and a prefix of others (``a`` and ``a.b``, or
+            ``""`` and anything), or has more than `MAX_DEPTH` segments.
 
     Example:
         >>> nest([("layers.0.w", 1), ("layers.1.w", 2), ("head", 3)])
         {'layers': [{'w': 1}, {'w': 2}], 'head': 3}
     """
     root: dict[str, Any] = {}
+    inner: list[tuple[dict[str, Any], str, dict[str, Any]]] = []  # (parent, key, node), parents first
+    nodes = {id(root)}  # the dicts made here, not values that happen to be dicts
+    whole: Any = _MISSING
     for name, value in items:
-        if name == "":
-            return value
-        node = root
+        if name == "" or whole is not _MISSING:
+            if whole is not _MISSING or root:
+                raise StructureMismatchError(
+                    "The tensor named by the prefix itself is also a prefix of other tensors; a nested "
+                    "pytree cannot hold both. Load them separately (or use items())."
+                )
+            whole = value
+            continue
         parts = name.split(".")
+        if len(parts) > MAX_DEPTH:
+            raise StructureMismatchError(
+                f"{name[:80]!r}{'...' if len(name) > 80 else ''} nests {len(parts)} levels deep; pytrees built here nest at most "
+                f"{MAX_DEPTH} (jax's pytree functions recurse once per level and fail near Python's "
+                f"recursion limit). Read such tensors with items()."
+            )
+        node = root
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            child = node.get(part, _MISSING)
+            if child is _MISSING:
+                child = node[part] = {}
+                nodes.add(id(child))
+                inner.append((node, part, child))
+            elif id(child) not in nodes:
                 raise StructureMismatchError(
                     f"{'.'.join(parts[: depth + 1])!r} is a tensor and also a prefix of {name!r}; a nested "
                     f"pytree cannot hold both. Load them separately (or use items())."
@@ -188,15 +217,18 @@ def nest(items: Iterable[tuple[str, Any]], *, lists: bool = True) -> Any:
                 f"{name!r} is a tensor and also a prefix of other tensors; a nested pytree cannot hold both."
             )
         node[parts[-1]] = value
-    return _listify(root) if lists else root
+    if whole is not _MISSING:
+        return whole
+    if lists:
+        for parent, key, node in reversed(inner):  # children before their parents
+            parent[key] = _as_list(node)
+        return _as_list(root)
+    return root
 
 
-def _listify(node: Any) -> Any:
-    if not isinstance(node, dict):
-        return node
-    children = {key: _listify(value) for key, value in node.items()}
-    if children and all(key.isdigit() for key in children):
-        numbers = sorted(int(key) for key in children)
-        if numbers == list(range(len(numbers))) and all(str(n) in children for n in numbers):
-            return [children[str(n)] for n in numbers]
-    return children
+def _as_list(node: dict[str, Any]) -> Any:
+    """``node``'s values as a list when its keys are exactly ``"0"`` .. ``"n-1"`` (no int() of a key, so a
+    5000-digit or non-ASCII digit segment stays a key); else ``node``."""
+    if node and all(str(index) in node for index in range(len(node))):
+        return [node[str(index)] for index in range(len(node))]
+    return node

@@ -20,3 +20,16 @@ def test_summary_lists_layers_in_natural_order(write_reference: Callable[..., Pa
     assert rows == ["0", "1", "2", "10", "11"]
     assert "layers10" not in weights.layers.summary()  # a view of layers holds layers.* only
     assert weights.checkpoint.bytes_copied == 0
+
+
+def test_summary_of_names_thousands_of_segments_deep(write_reference: Callable[..., Path]) -> None:
+    """Display builds and walks its tree without recursion (1,000 dots once raised RecursionError)."""
+    deep = "." * 1000
+    tensors = {f"{deep}w": np.ones(1, np.float32), f"{deep}v": np.ones(2, np.int8)}
+    tensors.update({f"a.{'.' * n}x": np.ones(1, np.int8) for n in range(0, 1500, 100)})
+    tensors[f"n.{'9' * 5000}"] = np.ones(1, np.int8)
+    weights = jw.load_weights(write_reference(tensors))
+    text = weights.summary(collapse=False)
+    assert text.startswith("model.safetensors: 18 tensors") and "float32[1]  4 B" in text
+    assert "9" * 5000 in text and len(text.splitlines()) < 3100
+    assert "18 tensors" in weights._repr_html_()

@@ -414,9 +414,34 @@ def test_offset_past_the_end(tmp_path: Path) -> None:
     refused(path, r"tensor 'w' \(F32, shape \[4\]\) needs bytes \[\d+, \d+\), past the end", tensor="w")
 
 
-def test_dimension_out_of_range(tmp_path: Path) -> None:
-    path = build(tmp_path / "m.gguf", infos=[info("w", [2**63, 0], F32, 0)])
-    refused(path, r"tensor 'w' has a dimension over 2\*\*63", tensor="w")
+@pytest.mark.parametrize(
+    ("ne", "match"),
+    [
+        (
+            [2**63, 0],
+            r"ne=\[9223372036854775808, 0\], which no array can have \(dimension \d+ exceeds 2\*\*60\)",
+        ),
+        (
+            [0, 2**40, 2**40],
+            r"ne=\[0, \d+, \d+\], .*\(the product of its non-zero dimensions exceeds 2\*\*60\)",
+        ),
+        ([2**64 - 1], r"ne=\[18446744073709551615\], .*\(dimension 18446744073709551615 exceeds 2\*\*60\)"),
+    ],
+    ids=["2**63", "empty but huge", "u64 max"],
+)
+def test_dimensions_no_array_can_have_are_refused_at_parse(tmp_path: Path, ne: list[int], match: str) -> None:
+    path = build(tmp_path / "m.gguf", infos=[info("w", ne, F32, 0)])
+    refused(path, rf"tensor 'w' has {match}. The file is corrupt", tensor="w")
+
+
+def test_more_than_four_dimensions_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    path = build(tmp_path / "m.gguf", infos=[info("w", [1] * 5, F32, 0)], data=b"\0" * 32)
+    refused(path, r"tensor 'w' has 5 dimensions; GGUF tensors have at most 4 \(GGML_MAX_DIMS\)", tensor="w")
+    # a dimension count of 2**32 - 1 is refused by the same rule, not by the bytes it would need
+    huge = string("w") + struct.pack("<I", 2**32 - 1)
+    refused(build(tmp_path / "n.gguf", infos=[huge]), r"has 4294967295 dimensions", tensor="w")
+    four = build(tmp_path / "o.gguf", infos=[info("w", [1, 1, 1, 2], F32, 0)], data=b"\0" * 32)
+    assert jw.load_weights(four).w.data().shape == (2, 1, 1, 1)
 
 
 def test_overlapping_tensors(tmp_path: Path) -> None:

@@ -122,6 +122,11 @@ def test_head_counts_from_metadata() -> None:
         UnpermuteHeads("q").for_checkpoint({"general.architecture": "llama"})
     with pytest.raises(CheckpointError, match="is 'many', not a positive integer"):
         UnpermuteHeads("q").for_checkpoint({"general.architecture": "x", "x.attention.head_count": "many"})
+    for hostile in ("\u00b2", "9" * 5000, "-3", "0"):  # a superscript digit, past int()'s limit
+        with pytest.raises(CheckpointError, match="not a positive integer"):
+            UnpermuteHeads("q").for_checkpoint(
+                {"general.architecture": "x", "x.attention.head_count": hostile}
+            )
 
 
 def test_gguf_names_from_safetensors_round_trip(tmp_path: Path, hf_state: dict[str, np.ndarray]) -> None:

@@ -54,3 +54,14 @@ def test_root_never_lists_the_empty_name_twice() -> None:
     index = NameIndex(["", "a", "b.c"])
     assert index.under("") == ["a", "b.c"] and index.count_under("") == 2
     assert join("", "a") == "a" and join("a", "0") == "a.0"
+
+
+def test_numbers_longer_than_any_one_character_count_still_sort_by_value() -> None:
+    """A segment of 1.2 million digits (a 100 MB header can hold one) once overflowed ``chr``."""
+    lengths = [1, 55_263, 55_264, 55_265, 1_200_000]
+    names = [f"a.{'1' * n}" for n in reversed(lengths)] + ["a.b", f"a.0{'1' * 55_264}", f"a.{'2' * 55_264}"]
+    ordered = natural_sorted(names)
+    assert [len(name) - 2 for name in ordered] == [1, 55_263, 55_264, 55_265, 55_264, 55_265, 1_200_000, 1]
+    assert ordered[4] == f"a.{'2' * 55_264}" and ordered[-1] == "a.b"
+    index = NameIndex(names)
+    assert f"a.{'1' * 1_200_000}" in index and index.count_under("a") == len(names)

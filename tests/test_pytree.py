@@ -36,6 +36,35 @@ def test_nest_lists_and_dicts() -> None:
         nest([("a.b", 1), ("a", 2)])
 
 
+def test_nest_keeps_odd_numeric_segments_as_keys() -> None:
+    huge = "9" * 5000  # past Python's int-digit limit
+    assert nest([(f"x.{huge}", 1), ("x.0", 2)]) == {"x": {huge: 1, "0": 2}}
+    assert nest([("x.²", 1), ("x.0", 2)]) == {"x": {"²": 1, "0": 2}}  # a unicode digit is no index
+    assert nest([("x.1", 1), ("x.0", 2), ("x.00", 3)]) == {"x": {"1": 1, "0": 2, "00": 3}}
+    assert nest([("x.1", {"0": 5}), ("x.0", 2)]) == {"x": [2, {"0": 5}]}  # leaf values are left alone
+
+
+def test_nest_refuses_a_root_tensor_beside_others_and_trees_jax_cannot_walk() -> None:
+    for items in ([("a", 1), ("", 2)], [("", 1), ("a", 2)], [("", 1), ("", 2)]):
+        with pytest.raises(StructureMismatchError, match=r"prefix itself is also a prefix of other"):
+            nest(items)
+    deep = "." * 1000 + "w"
+    with pytest.raises(StructureMismatchError, match=r"nests 1001 levels deep; .* at most 256"):
+        nest([(deep, 1)])
+    tree = nest([("a." * 255 + "w", 1)])  # the deepest tree nest builds, and jax walks it
+    assert jax.tree_util.tree_leaves(tree) == [1]
+
+
+def test_to_pytree_of_pathological_names(tmp_path: Path) -> None:
+    names = ["." * 1000 + "w", f"a.{'9' * 5000}", "a.²", "a.0"]
+    weights = jw.load_weights(
+        jw.save_file({n: np.ones(1, np.int8) for n in names}, tmp_path / "m.safetensors")
+    )
+    assert sorted(weights.a.to_pytree()) == ["0", "9" * 5000, "²"]
+    with pytest.raises(StructureMismatchError, match=r"nests 1001 levels deep"):
+        weights.to_pytree()
+
+
 def test_flatten_target_unwraps_nnx_variables_and_rejects_clashes() -> None:
     from flax import nnx
 

@@ -49,7 +49,9 @@ def spec_of(name: str, value: Any) -> TensorSpec:
     if shape is None or dtype is None:
         value = np.asarray(value)
         shape, dtype = value.shape, value.dtype
-    return TensorSpec(name, DType.from_any(np.dtype(dtype)), tuple(int(d) for d in shape))
+    return TensorSpec(
+        name, dtype if isinstance(dtype, DType) else DType.from_numpy(dtype), tuple(int(d) for d in shape)
+    )
 
 
 @dataclass(frozen=True)

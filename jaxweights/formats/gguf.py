@@ -6,7 +6,8 @@ them in a folder, and opens one file, a list of files or the shards of a split m
 
 The header and every tensor info are parsed and validated before any tensor byte is touched: counts and
 string lengths against the bytes left (a corrupt count of 2**60 allocates nothing), known value and ggml
-types, nesting depth of arrays, the ``general.alignment`` key, tensor offsets aligned and inside the
+types, nesting depth of arrays, the ``general.alignment`` key, at most 4 dimensions per tensor (ggml's
+``GGML_MAX_DIMS``) whose non-zero values multiply to at most 2**60, tensor offsets aligned and inside the
 file, no overlaps, and byte lengths equal to the element count x type size per block. Shapes are in
 numpy order (GGUF stores ``ne[]`` fastest-varying first). Plain types become ordinary tensors (with
 ``byteorder=">"`` in a big-endian file); the quantized types jaxweights knows become uint8 blocks with
@@ -31,14 +32,16 @@ import numpy as np
 
 from .._dtypes import DType
 from .._quantization import QuantizationEncoding
-from .._shapes import element_count
+from .._shapes import element_count, shape_problem
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     DuplicateTensorError,
     UnsupportedFormatError,
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat, first_overlap
+from ._files import open_regular
 from ._plugin import FormatPlugin
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "GGML_TYPE_NAMES",
     "MAGIC",
     "MAX_ARRAY_DEPTH",
+    "MAX_DIMS",
     "PLUGIN",
     "VERSIONS",
     "GGUFHeader",
@@ -63,6 +67,8 @@ DEFAULT_ALIGNMENT = 32
 """Alignment of the data section and of every tensor offset when ``general.alignment`` is absent."""
 MAX_ARRAY_DEPTH = 8
 """Arrays of arrays nested deeper than this are refused (no file in the wild nests at all)."""
+MAX_DIMS = 4
+"""The most dimensions a GGUF tensor has (``GGML_MAX_DIMS`` in ggml.h; gguf.cpp refuses more)."""
 
 GGML_TYPE_NAMES: dict[int, str] = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 4: "Q4_2", 5: "Q4_3", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
@@ -99,7 +105,6 @@ _VALUE_TYPE_NAMES = {
 _MIN_VALUE_SIZE = {**_SCALAR_SIZES, _STRING: 8, _ARRAY: 12}  # bytes the smallest value of a type takes
 _MIN_KV_SIZE = 8 + 4 + 1  # key length, value type, the smallest value
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
-_INT64_LIMIT = 2**63  # ggml dimensions are int64
 
 _SHARD_NAME = re.compile(r"(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf")
 
@@ -301,7 +306,7 @@ def _decode_strings(reader: _Reader, key: str, count: int) -> list[str]:
 
 
 def _load_array(key: str, where: _LazyArray) -> Any:
-    fd = os.open(where.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular(where.file)
     try:
         size = os.fstat(fd).st_size
         if size != where.file_size:
@@ -317,6 +322,10 @@ def _load_array(key: str, where: _LazyArray) -> Any:
                 break
             chunks.append(chunk)
             position += len(chunk)
+    except OSError as error:
+        raise CheckpointReadError(
+            f"{where.file} cannot be read ({error.strerror or error}).", file=where.file
+        ) from None
     finally:
         os.close(fd)
     reader = _Reader(b"".join(chunks), where.file, where.order, origin=where.start)
@@ -448,9 +457,14 @@ def read_header(path: Path) -> GGUFHeader:
             what was expected.
         UnsupportedFormatError: a GGUF version other than 2 or 3.
     """
-    with open(path, "rb") as handle:
+    with os.fdopen(open_regular(path), "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        head = handle.read(24)
+        try:
+            head = handle.read(24)
+        except OSError as error:
+            raise CheckpointReadError(
+                f"{path} cannot be read ({error.strerror or error}).", file=path
+            ) from None
         if head[:4] != MAGIC:
             start = f"it starts with {head[:8]!r}" if head else "it is empty"
             raise CheckpointError(
@@ -495,6 +509,12 @@ def _parse(reader: _Reader, version: int) -> GGUFHeader:
     for index in range(tensor_count):
         name = reader.text(f"the name of tensor #{index}")
         n_dims = reader.u32(f"the dimension count of tensor {name!r}", name)
+        if n_dims > MAX_DIMS:
+            raise reader.fail(
+                f"tensor {name!r} has {n_dims} dimensions; GGUF tensors have at most {MAX_DIMS} "
+                f"(GGML_MAX_DIMS). The file is corrupt; download or convert it again.",
+                name,
+            )
         reader.need(8 * n_dims, f"the {n_dims} dimensions of tensor {name!r}", name)
         dims = struct.unpack_from(f"{reader.order}{n_dims}Q", reader.buffer, reader.pos)
         reader.pos += 8 * n_dims
@@ -541,8 +561,13 @@ def _tensor_info(
     alignment: int,
 ) -> TensorInfo:
     shape = tuple(reversed(dims))
-    if any(dim >= _INT64_LIMIT for dim in dims):
-        raise reader.fail(f"tensor {name!r} has a dimension over 2**63 in ne={list(dims)}.", name)
+    problem = shape_problem(shape, MAX_DIMS)
+    if problem is not None:
+        raise reader.fail(
+            f"tensor {name!r} has ne={list(dims)}, which no array can have ({problem}). The file is "
+            f"corrupt; download or convert it again.",
+            name,
+        )
     count = element_count(shape)
     dtype = _PLAIN.get(kind)
     encoding: QuantizationEncoding | None = None

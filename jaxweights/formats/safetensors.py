@@ -5,8 +5,10 @@ Registered as `PLUGIN` in `jaxweights.formats`: it recognises safetensors files 
 `Checkpoint`, and writes single files or shards plus an index (`WRITER`).
 
 The header is parsed and validated in full before any tensor byte is touched: header length within
-the file, UTF-8 JSON object without duplicate keys, known dtypes, non-negative shapes, offsets inside
-the data section that do not overlap and whose length equals shape x dtype. Never imports jax.
+the file, a UTF-8 JSON object without duplicate keys (at any level) or lone surrogates, ``__metadata__``
+absent, null or mapping strings to strings, known dtypes, shapes of non-negative integers that numpy can
+hold (at most 64 dimensions, non-zero dimensions multiplying to at most 2**60), offsets inside the data
+section that do not overlap and whose length equals shape x dtype. Never imports jax.
 """
 
 from __future__ import annotations
@@ -25,14 +27,17 @@ import numpy as np
 from .._buffers import ALIGNMENT
 from .._dtypes import DTYPE_TO_SAFETENSORS, SAFETENSORS_TO_DTYPE, DType, pack_nibbles
 from .._libc import fsync_dir
-from .._shapes import element_count
+from .._shapes import element_count, shape_problem
+from .._staging import write_atomically
 from ..errors import (
     ArgumentError,
     CheckpointError,
+    CheckpointReadError,
     UnsupportedFormatError,
 )
 from ._checkpoint import Checkpoint, TensorInfo, WeightsFormat, first_overlap
-from ._index import DuplicateKeyError, gc_paused, open_files, reject_duplicate_keys
+from ._files import open_regular
+from ._index import DuplicateKeyError, LoneSurrogateError, gc_paused, loads_strict, open_files
 from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_of
 
 __all__ = [
@@ -56,35 +61,14 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+"""The one-file checkpoint's name in a folder (Hugging Face's ``SAFE_WEIGHTS_NAME``)."""
 INDEX_SUFFIX = ".safetensors.index.json"
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference implementation enforces
 
 
 def _hint_close(path: Path) -> str:
     return f"{path} is not a valid safetensors file"
-
-
-def _parse_header(text: str) -> Any:
-    """JSON-decodes a header, rejecting duplicate keys.
-
-    The C decoder runs first; a key repeated at the top level or inside an entry would make the dict
-    hold fewer ``dtype``/``shape``/``data_offsets`` keys than the text names, and only then is the text
-    decoded again, slowly, to name the duplicate.
-    """
-    header = json.loads(text)
-    if isinstance(header, dict):
-        entries = sum(1 for value in header.values() if type(value) is dict and "data_offsets" in value)
-        found = sum(
-            1
-            for value in header.values()
-            if type(value) is dict
-            for key in ("dtype", "shape", "data_offsets")
-            if key in value
-        )
-        named = text.count('"dtype"') + text.count('"shape"') + text.count('"data_offsets"')
-        if named == found and text.count('"data_offsets"') == entries:
-            return header
-    return json.loads(text, object_pairs_hook=reject_duplicate_keys)
 
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
@@ -97,9 +81,9 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
     Raises:
         CheckpointError: the header is malformed; the message names the file, the tensor and the fix.
     """
-    with open(path, "rb") as handle:
+    with os.fdopen(open_regular(path), "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
+        prefix = _read(handle, 8, path)
         if len(prefix) < 8:
             raise CheckpointError(
                 f"{_hint_close(path)}: it has {size} bytes, fewer than the 8-byte header length. "
@@ -119,7 +103,7 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
                 f"{MAX_HEADER_SIZE}-byte limit safetensors allows.",
                 file=path,
             )
-        raw = handle.read(header_len)
+        raw = _read(handle, header_len, path)
     if len(raw) != header_len:
         raise CheckpointError(f"{_hint_close(path)}: the header ends early (file truncated).", file=path)
     try:
@@ -129,35 +113,83 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str], int]:
             f"{_hint_close(path)}: its header is not UTF-8 ({error.reason} at byte {error.start}).",
             file=path,
         ) from error
+    header = _decode(path, text)
+    data_start = 8 + header_len
+    data_len = size - data_start
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
+    _check_overlaps(path, tensors)
+    return tensors, metadata, size
+
+
+def _read(handle: BinaryIO, count: int, path: Path) -> bytes:
     try:
-        header = _parse_header(text)
+        return handle.read(count)
+    except OSError as error:
+        raise CheckpointReadError(f"{path} cannot be read ({error.strerror or error}).", file=path) from None
+
+
+def _decode(path: Path, text: str) -> dict[str, Any]:
+    """The header as a JSON object, refusing duplicate keys and lone surrogates (as the safetensors
+    crate's serde_json does) with the file's name and the key."""
+    try:
+        header = loads_strict(text)
     except DuplicateKeyError as error:
+        if error.owner is None:
+            where = "its header names"
+        elif error.owner == "__metadata__":
+            where = "its '__metadata__' names"
+        else:
+            where = f"the header entry of tensor {error.owner!r} names"
         raise CheckpointError(
-            f"{_hint_close(path)}: its header names {error.key!r} twice; readers would disagree on "
-            f"which entry wins. Re-save the file.",
+            f"{_hint_close(path)}: {where} {error.key!r} twice; readers would disagree on which value "
+            f"wins. Re-save the file.",
             file=path,
-            tensor=error.key,
+            tensor=error.key if error.owner is None else error.owner,
         ) from None
-    except (json.JSONDecodeError, RecursionError, ValueError) as error:
+    except LoneSurrogateError as error:
+        raise CheckpointError(
+            f"{_hint_close(path)}: its header holds the string {error.text!r:.200}, which escapes half of a "
+            f"UTF-16 surrogate pair and so is not text (the safetensors library refuses it too). Re-save "
+            f"the file with valid names.",
+            file=path,
+        ) from None
+    except (ValueError, RecursionError) as error:
         raise CheckpointError(
             f"{_hint_close(path)}: its header is not valid JSON ({error}).", file=path
         ) from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise CheckpointError(
             f"{_hint_close(path)}: its header must be a JSON object, found {type(header).__name__}.",
             file=path,
         )
-    data_start = 8 + header_len
-    data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+    return header
+
+
+def _metadata(path: Path, metadata: Any) -> dict[str, str]:
+    """``__metadata__``: absent or null (no metadata, as the safetensors crate reads it), else an object
+    of strings."""
+    if metadata is None:
+        return {}
+    if type(metadata) is not dict:
         raise CheckpointError(
-            f"{_hint_close(path)}: '__metadata__' must map strings to strings, found {metadata!r:.200}.",
+            f"{_hint_close(path)}: '__metadata__' must map strings to strings, found "
+            f"{type(metadata).__name__} {metadata!r:.100}. Re-save the file.",
             file=path,
         )
-    tensors = [_tensor_info(path, name, entry, data_start, data_len) for name, entry in header.items()]
-    _check_overlaps(path, tensors)
-    return tensors, metadata, size
+    for key, value in metadata.items():
+        if type(value) is not str:
+            raise CheckpointError(
+                f"{_hint_close(path)}: '__metadata__' must map strings to strings; {key!r:.100} maps to "
+                f"{value!r:.100}. Re-save the file (safetensors stores text only).",
+                file=path,
+            )
+    return metadata
+
+
+def _shape_text(shape: list[int]) -> str:
+    text = ", ".join(str(dim) if dim < 10**30 else f"<{len(str(dim))}-digit number>" for dim in shape[:8])
+    return f"[{text}{', ...' if len(shape) > 8 else ''}]"
 
 
 def _entry_error(path: Path, name: str, what: str) -> CheckpointError:
@@ -176,6 +208,14 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, data_len: i
     for dim in shape:
         if type(dim) is not int or dim < 0:
             raise _describe(path, name, entry)
+    problem = shape_problem(shape)
+    if problem is not None:
+        raise _entry_error(
+            path,
+            name,
+            f"has shape {_shape_text(shape)}, which no array can have ({problem}). The header is corrupt; "
+            f"download or save the file again.",
+        )
     count = element_count(shape)
     if begin < 0 or end < begin or end > data_len:
         raise _entry_error(
@@ -273,6 +313,18 @@ def _layout(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     return order
 
 
+def _check_text(text: str, what: str) -> None:
+    """Refuses a string that is not Unicode text (a lone surrogate, as from ``"\\ud800"`` or a file name
+    decoded with ``surrogateescape``): JSON would escape it, and every strict reader refuses the file."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ArgumentError(
+            f"{what} {text!r:.200} is not valid Unicode text (a lone surrogate at position {error.start}); "
+            f"safetensors readers would refuse the file. Rename it."
+        ) from None
+
+
 def _header_bytes(
     specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[TensorSpec]]:
@@ -284,11 +336,15 @@ def _header_bytes(
                 f"metadata must map strings to strings (safetensors stores text only), found "
                 f"{dict(metadata)!r:.200}."
             )
+        for key, value in metadata.items():
+            _check_text(key, "A metadata key")
+            _check_text(value, f"The metadata value of {key!r}")
         header["__metadata__"] = dict(metadata)
     seen: set[str] = set()
     for spec in specs:
         if not isinstance(spec.name, str):
             raise ArgumentError(f"Tensor names must be strings, found {spec.name!r}.")
+        _check_text(spec.name, "Tensor name")
         if spec.name in seen or spec.name == "__metadata__":
             raise CheckpointError(f"Tensor name {spec.name!r} is used twice (or reserved).", tensor=spec.name)
         seen.add(spec.name)
@@ -398,7 +454,7 @@ def write_folder(
     """
     groups = _shards(specs, max_shard_size)
     if len(groups) == 1:
-        return [write_file(folder / "model.safetensors", groups[0], write, metadata)]
+        return [write_file(folder / SINGLE_NAME, groups[0], write, metadata)]
     files: list[Path] = []
     weight_map: dict[str, str] = {}
     for number, group in enumerate(groups, start=1):
@@ -441,8 +497,16 @@ def save_file(
     that every tensor whose size is a multiple of 64 bytes starts aligned: jaxweights then loads them
     to CPU without a copy. The result is a standard safetensors file (contiguous data, no gaps) that
     `safetensors` itself reads. Arrays are converted to host memory one at a time, as they are written;
-    the file appears under its name only once complete (temporary file, fsync, rename); the caller's
-    arrays and dict are never modified.
+    the caller's arrays and dict are never modified.
+
+    The file appears under its name only once complete: it is written in a private temporary folder
+    beside it, fsynced and renamed over ``path`` (a symlink is followed and stays a symlink), so a crash
+    or kill leaves the previous file whole. It gets ``0666 & ~umask`` (0644 under umask 022). Temporary
+    entries that killed saves of the same file left are removed first (see the guide's Saving section).
+
+    Raises:
+        CheckpointWriteError: ``path`` is a folder, the disk is full, the folder is read-only; ``path`` is
+            untouched and no temporary file remains.
 
     Example:
         >>> import tempfile, numpy as np, jaxweights as jw
@@ -452,7 +516,11 @@ def save_file(
         (2, 3)
     """
     specs = [spec_of(name, value) for name, value in tensors.items()]
-    return write_file(path, specs, lambda spec, out: write_array(out, tensors[spec.name]), metadata)
+
+    def write(spec: TensorSpec, out: BinaryIO) -> None:
+        write_array(out, tensors[spec.name])
+
+    return write_atomically(path, lambda staged: write_file(staged, specs, write, metadata))
 
 
 def write_array(out: BinaryIO, value: Any) -> None:
@@ -515,7 +583,9 @@ def sniff(head: bytes, path: Path) -> bool:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """Safetensors files and indexes in a folder, the index preferred when present."""
+    """The checkpoint in a folder, as Hugging Face loaders find it: ``model.safetensors.index.json`` (or
+    the one ``*.safetensors.index.json``), else ``model.safetensors`` alone (an ``adapter_model.safetensors``
+    beside it is another checkpoint), else every ``*.safetensors`` file."""
     indexes = sorted(folder.glob(f"*{INDEX_SUFFIX}"))
     preferred = folder / INDEX_NAME
     if preferred in indexes:
@@ -528,6 +598,9 @@ def weight_files(folder: Path) -> list[Path]:
             f"you want to load.",
             file=folder,
         )
+    single = folder / SINGLE_NAME
+    if single.exists() or single.is_symlink():
+        return [single]
     return sorted(folder.glob("*.safetensors"))
 
 
