@@ -1,19 +1,22 @@
-"""Operating-system calls Python's `os` lacks: the C library loaded once (`libc`), and `fsync_dir`.
+"""The operating system under every write: the C library loaded once (`libc`), and the calls Python's
+`os` lacks (`fsync_dir`, `exchange`, `try_lock`, `open_elsewhere`).
 
-`_buffers` (``madvise`` ranges) and `_save` (``renameat2``) take the library from `libc`; nothing else
-loads it. Where the library or a call is unavailable, callers get None and fall back: this module never
-raises, and never imports numpy or jax.
+Never imports numpy or jax. The calls never raise: callers get None or False and fall back. The staging
+protocol every save follows is built on them in `_staging`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import functools
 import os
 from pathlib import Path
+from typing import Any
 
-__all__ = ["fsync_dir", "libc"]
+__all__ = ["exchange", "fsync_dir", "libc", "open_elsewhere", "try_lock"]
 
 
 @functools.cache
@@ -48,3 +51,97 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """libc's ``renameat2``, or None where the C library lacks it (not Linux, old glibc)."""
+    lib = libc()
+    if lib is None or not hasattr(lib, "renameat2"):
+        return None
+    function = lib.renameat2
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def exchange(first: Path, second: Path) -> int | None:
+    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        0 once swapped; None where the system cannot swap (no ``renameat2``, a file system without
+        support); else the ``errno`` of the refusal, and neither path changed.
+
+    Example:
+        >>> import tempfile
+        >>> a, b = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = (a / "x").write_text("x")
+        >>> code = exchange(a, b)
+        >>> code is None or (code == 0 and (b / "x").exists() and not (a / "x").exists())
+        True
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return None
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return 0
+    code = ctypes.get_errno()
+    return None if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP) else code
+
+
+def try_lock(fd: int) -> bool | None:
+    """Takes an exclusive ``flock`` on an open file or folder without waiting.
+
+    Returns:
+        True when taken (it lasts until the descriptor is closed, or its process dies); False when
+        another open of it holds the lock; None where the system has no ``flock`` for it.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> first, second = os.open(folder, os.O_RDONLY), os.open(folder, os.O_RDONLY)
+        >>> try_lock(first), try_lock(second)
+        (True, False)
+        >>> os.close(first); try_lock(second)
+        True
+        >>> os.close(second)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def open_elsewhere(fd: int) -> bool:
+    """False only when a write lease proves that no other descriptor has the file open (Linux; the
+    caller must own the file); True when another has it open, or when that cannot be proven.
+
+    Example:
+        >>> import tempfile
+        >>> handle, name = tempfile.mkstemp()
+        >>> fd = os.open(name, os.O_RDONLY)
+        >>> open_elsewhere(fd)  # mkstemp's descriptor is still open
+        True
+        >>> os.close(handle); open_elsewhere(fd) in (False, True)  # False where leases work
+        True
+        >>> os.close(fd)
+    """
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except (ImportError, AttributeError, OSError):
+        return True
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------

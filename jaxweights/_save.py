@@ -1,24 +1,25 @@
 """Save a pytree as safetensors: one file, or shards plus a standard ``model.safetensors.index.json``.
 
-Writes are atomic: a folder checkpoint is written into a temporary sibling folder and swapped in with one
-``renameat2(RENAME_EXCHANGE)`` (other files of the folder, such as ``config.json``, are carried over), so a
-crash or kill leaves the previous checkpoint whole. Sharded arrays are written shard by shard (replicated
-blocks once), so host memory stays near one shard; the caller's tree is never modified. Non-array leaves
-(step counters, flags) are stored as JSON in the metadata.
+Writes are atomic and crash-safe: they follow the staging protocol of `_staging` (a private, locked
+temporary folder beside the target; a file renamed over it, a folder swapped in with one
+``renameat2(RENAME_EXCHANGE)``), so a crash or kill leaves the previous checkpoint or the new one, whole.
+A save into an existing folder replaces only the previous checkpoint's own files
+(`previous_weight_files`): everything else there (``config.json``, tokenizers, ``adapter_model.safetensors``)
+is carried over. A symlinked target stays a symlink; leftovers of killed saves of the same target are
+removed first; every operating-system error becomes a `CheckpointWriteError`. Sharded arrays are written
+shard by shard (replicated blocks once), so host memory stays near one shard; the caller's tree is never
+modified. Non-array leaves (step counters, flags) are stored as JSON in the metadata.
 
 The bytes and the file layout come from the safetensors plug-in's `FormatWriter`; this module owns the
-tree, the multi-process protocol and the atomic folder swap, and never writes a format's bytes itself.
+tree, the multi-process protocol and which files a save replaces, and never writes a format's bytes or
+renames a file itself.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import json
 import os
-import shutil
-import tempfile
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,13 +27,14 @@ from typing import Any, BinaryIO
 import jax
 import numpy as np
 
-from ._libc import fsync_dir, libc
 from ._plan import plan_reads
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, flatten_target, is_array_like, split_module
+from ._staging import publish_folder, staging, write_atomically, write_error
 from .errors import ArgumentError, CheckpointWriteError, StructureMismatchError
-from .formats import FormatPlugin, FormatWriter, TensorInfo, TensorSpec, WeightsFormat, plugin_for, spec_of
+from .formats import FormatWriter, TensorInfo, TensorSpec, WeightsFormat, plugin_for, spec_of
+from .formats.safetensors import INDEX_NAME
 
-__all__ = ["parse_size", "save"]
+__all__ = ["parse_size", "previous_weight_files", "save"]
 
 
 def parse_size(size: int | str) -> int:
@@ -99,39 +101,6 @@ def _write_blocks(writer: FormatWriter, out: BinaryIO, array: jax.Array) -> bool
     return True
 
 
-@functools.cache
-def _renameat2() -> Any:
-    """libc's ``renameat2``, or None where the C library lacks it (not Linux, old glibc)."""
-    lib = libc()
-    if lib is None or not hasattr(lib, "renameat2"):
-        return None
-    function = lib.renameat2
-    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return function
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported.
-
-    Raises:
-        CheckpointWriteError: the swap failed for another reason; neither path changed.
-    """
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
-        return False
-    raise CheckpointWriteError(
-        f"Saving to {second} failed: swapping in the new checkpoint from {first} was refused "
-        f"({os.strerror(code)}). Nothing was replaced; check the folder's permissions.",
-        file=second,
-    )
-
-
 def save(
     tree: Any,
     path: str | os.PathLike[str],
@@ -155,9 +124,16 @@ def save(
     Returns:
         The folder or file written.
 
+    A save into an existing folder replaces only the previous checkpoint's own files and carries the
+    others over (``config.json``, tokenizers, unrelated ``*.safetensors``); a symlinked ``path`` stays a
+    symlink and what it points to is replaced. Files get ``0666 & ~umask``, a new folder ``0777 & ~umask``;
+    an existing folder keeps its mode. Temporary entries that killed saves of the same target left are
+    removed first.
+
     Raises:
-        CheckpointWriteError: the folder is read-only, the disk is full, or ``path`` is a file where a
-            folder is expected; the previous checkpoint is left whole and no temporary file remains.
+        CheckpointWriteError: the folder is read-only, the disk is full, ``path`` is a file where a
+            folder is expected (or a folder where a file is): it names the step that failed and a fix;
+            the previous checkpoint is left whole and no temporary entry remains.
         StructureMismatchError: a leaf is abstract (a `ShapeDtypeStruct`) or of a type that cannot be stored.
 
     Example:
@@ -216,23 +192,15 @@ def save(
             _barrier(path)
             return path
         if single:
-            if path.is_dir():
-                raise CheckpointWriteError(
-                    f"{path} is a folder; pass a new file name or the folder itself.", file=path
-                )
-            writer.write_file(path, specs, write, info or None)
+            write_atomically(path, lambda staged: writer.write_file(staged, specs, write, info or None))
         else:
-            _save_folder(plugin, writer, path, specs, write, info, limit)
+            _save_folder(writer, path, specs, write, info, limit)
         _barrier(path)
         return path
     except CheckpointWriteError:
         raise
-    except OSError as error:
-        raise CheckpointWriteError(
-            f"Saving to {path} failed: {error.strerror or error}. Nothing was replaced and no temporary file "
-            f"was left; free space or choose a writable folder.",
-            file=path,
-        ) from error
+    except OSError as error:  # every step names itself in staging; this is a net
+        raise write_error(path, "saving", error) from error
 
 
 def _barrier(path: Path) -> None:
@@ -242,52 +210,52 @@ def _barrier(path: Path) -> None:
         multihost_utils.sync_global_devices(f"jaxweights.save:{path}")
 
 
-def _save_folder(
-    plugin: FormatPlugin,
-    writer: FormatWriter,
-    path: Path,
-    specs: list[TensorSpec],
-    write: Any,
-    info: dict[str, str],
-    limit: int,
-) -> Path:
-    if path.exists() and not path.is_dir():
-        raise CheckpointWriteError(
-            f"{path} is a file, but a checkpoint folder was expected. Pass another path, or a *.safetensors "
-            f"file name to write a single file.",
-            file=path,
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".saving", dir=path.parent))
+_WRITTEN_NAMES = re.compile(r"model(?:-\d{5}-of-\d{5})?\.safetensors")
+"""The weight files the safetensors writer names: ``model.safetensors`` and its shards."""
+
+
+def previous_weight_files(folder: Path) -> set[str]:
+    """The previous checkpoint's own files in ``folder``, which a new save replaces: the names the
+    safetensors writer gives (``model.safetensors``, ``model-0000i-of-0000N.safetensors``, the index) and
+    the ``*.safetensors`` files the folder's ``model.safetensors.index.json`` names. Every other entry
+    (``config.json``, ``adapter_model.safetensors``, subfolders) is kept.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in ("model-00001-of-00002.safetensors", "extra.safetensors", "adapter_model.safetensors",
+        ...              "config.json"):
+        ...     _ = (folder / name).write_text("")
+        >>> _ = (folder / INDEX_NAME).write_text('{"weight_map": {"a": "extra.safetensors"}}')
+        >>> sorted(previous_weight_files(folder))
+        ['extra.safetensors', 'model-00001-of-00002.safetensors', 'model.safetensors.index.json']
+    """
     try:
-        writer.write_folder(temp, specs, write, info or None, limit)
-        fsync_dir(temp)
-        if path.is_dir():
-            for item in path.iterdir():  # carry over config.json, tokenizer files, ...
-                if not plugin.owns(item):
-                    target = temp / item.name
-                    if item.is_dir():
-                        shutil.copytree(item, target, symlinks=True)
-                    else:
-                        try:
-                            os.link(item, target)
-                        except OSError:
-                            shutil.copy2(item, target)
-            fsync_dir(temp)
-            if _exchange(temp, path):
-                fsync_dir(path.parent)
-                shutil.rmtree(temp, ignore_errors=True)  # temp now holds the previous checkpoint
-                return path
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(temp, path)
-            fsync_dir(path.parent)
-            shutil.rmtree(old, ignore_errors=True)
-            return path
-        os.rename(temp, path)
-        fsync_dir(path.parent)
-        return path
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        names = set(os.listdir(folder))
+    except OSError:  # missing, or not a folder
+        return set()
+    owned = {name for name in names if _WRITTEN_NAMES.fullmatch(name)}
+    if INDEX_NAME in names:
+        owned.add(INDEX_NAME)
+        try:
+            index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # an unreadable index names nothing more
+            index = None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if isinstance(weight_map, dict):
+            owned.update(
+                name
+                for name in weight_map.values()
+                if isinstance(name, str) and name in names and name.endswith(".safetensors")
+            )
+    return owned
+
+
+def _save_folder(
+    writer: FormatWriter, path: Path, specs: list[TensorSpec], write: Any, info: dict[str, str], limit: int
+) -> None:
+    with staging(path) as stage:
+        stage.expect_folder()
+        stage.doing = "writing the weights"
+        writer.write_folder(stage.folder, specs, write, info or None, limit)
+        publish_folder(stage, replaced=previous_weight_files(stage.target))

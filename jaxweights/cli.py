@@ -28,6 +28,7 @@ from . import __version__
 from ._display import format_bytes
 from ._dtypes import DType
 from ._quantization import QuantizationEncoding
+from ._staging import write_atomically
 from ._weights import load_weights
 from .errors import ArgumentError, QuantizationError, WeightsError
 from .formats import Checkpoint, TensorInfo, TensorSpec, open_checkpoint
@@ -145,7 +146,8 @@ def _convert(source: Sequence[str], target: str, dtype: str | None, dequantize: 
         def write(spec: TensorSpec, out: BinaryIO) -> None:
             _write_tensor(checkpoint, infos[spec.name], spec.dtype, out)
 
-        out = write_file(target, specs, write, _string_metadata(checkpoint.metadata) or None)
+        metadata = _string_metadata(checkpoint.metadata) or None
+        out = write_atomically(target, lambda staged: write_file(staged, specs, write, metadata))
     done = f", {len(quantized)} dequantized to {(wanted or DType.float32).name}" if quantized else ""
     print(f"wrote {out} ({len(specs)} tensors{done}, 64-byte aligned)")
 
