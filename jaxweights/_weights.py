@@ -25,6 +25,7 @@ from jax.sharding import Mesh, Sharding
 from . import _display
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
+from ._hub import is_repo_id, resolve_repo
 from ._loader import DEFAULT_BUDGET
 from ._names import NameIndex, join
 from ._placement import place, resolve_dtype
@@ -1009,12 +1010,17 @@ def _reopen(sources: tuple[os.PathLike[str], ...], prefix: str, mapped: bool = T
     return root[prefix] if prefix else root
 
 
-def load_weights(paths: PathsLike, *, mmap: bool = True) -> Weights:
+def load_weights(paths: PathsLike, *, revision: str | None = None, mmap: bool = True) -> Weights:
     """Opens a checkpoint and returns the root accessor.
 
     Args:
-        paths: a file, a folder (its ``model.safetensors.index.json`` if present, else every
-            ``*.safetensors``), an index file, or a list of these. The format is sniffed from magic bytes.
+        paths: a file, a folder (its ``model.safetensors.index.json`` if present, else its
+            ``model.safetensors``, else every ``*.safetensors``), an index file, or a list of these; or a
+            Hugging Face repository id (``"sentence-transformers/all-MiniLM-L6-v2"``), read from the local
+            cache when ``HF_HUB_OFFLINE=1`` and otherwise downloaded (weight files only; safetensors
+            preferred, then PyTorch, then GGUF) with the optional `huggingface_hub`. A path that exists
+            always wins over an id. The format is sniffed from magic bytes.
+        revision: the branch, tag or commit of a repository id (default: ``main``).
         mmap: True (the default) maps the files: `Weights.data` is a zero-copy view and CPU arrays of
             64-byte aligned tensors alias the file's pages. Files replaced by `save` or by a rename never
             affect them, but a program writing *into* the file (``cp other.safetensors model.safetensors``,
@@ -1035,10 +1041,20 @@ def load_weights(paths: PathsLike, *, mmap: bool = True) -> Weights:
         >>> sorted(name for name, _ in jw.load_weights(folder).items())
         ['a.w', 'b.w']
     """
+    if is_repo_id(paths):
+        assert isinstance(paths, str)
+        paths = resolve_repo(paths, revision)
+    elif revision is not None:
+        raise ArgumentError(
+            f"revision={revision!r} applies to Hugging Face repository ids; {paths!r} is a local path "
+            f"(or names none that exists). Drop revision, or pass the repository id."
+        )
     return Weights(_Store(open_checkpoint(paths, mmap=mmap)))
 
 
-def restore(paths: PathsLike, target: Any, *, mmap: bool = True, **options: Any) -> Any:
+def restore(
+    paths: PathsLike, target: Any, *, revision: str | None = None, mmap: bool = True, **options: Any
+) -> Any:
     """`load_weights(paths).restore(target, **options)`: a checkpoint into a target pytree in one call.
 
     Example:
@@ -1047,4 +1063,4 @@ def restore(paths: PathsLike, target: Any, *, mmap: bool = True, **options: Any)
         >>> jw.restore(folder, {"w": jnp.zeros(3)})["w"].tolist()
         [0.0, 1.0, 2.0]
     """
-    return load_weights(paths, mmap=mmap).restore(target, **options)
+    return load_weights(paths, revision=revision, mmap=mmap).restore(target, **options)

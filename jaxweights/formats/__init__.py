@@ -85,8 +85,8 @@ def _expand_folder(folder: Path) -> list[Path]:
         ) from None
     patterns = ", ".join(f"*{suffix}" for plugin in FORMATS for suffix in plugin.suffixes)
     raise CheckpointNotFoundError(
-        f"{folder} holds no weight files (looked for {patterns}); it holds: {listing}. Pass the weight "
-        f"files themselves.",
+        f"{folder} holds no weight files (looked for {patterns}); it holds: {listing}.{_orbax_hint(folder)} "
+        f"Pass the weight files themselves.",
         file=folder,
     )
 
@@ -138,6 +138,9 @@ def sniff_format(path: Path) -> FormatPlugin:
         UnsupportedFormatError: no registered format recognises the file.
     """
     head = read_prefix(path, HEAD_SIZE)
+    impostor = _impostor(head)
+    if impostor is not None:
+        raise UnsupportedFormatError(f"{path} is not a checkpoint: it is {impostor}.", file=path)
     recognised = [plugin for plugin in FORMATS if plugin.sniff(head, path)]
     for plugin in recognised:
         if plugin.owns(path):
@@ -149,6 +152,34 @@ def sniff_format(path: Path) -> FormatPlugin:
             return plugin
     start = f"it starts with {head[:8]!r}" if head else "it is empty"
     raise UnsupportedFormatError(f"{path} is not a {_titles()} file ({start}).", file=path)
+
+
+def _impostor(head: bytes) -> str | None:
+    """What a file that is not a checkpoint is, from its first bytes, when it is a usual mistake (an
+    empty file is left to the format's parser, which says so).
+
+    Example:
+        >>> _impostor(b"version https://git-lfs.github.com/spec/v1"[:16]), _impostor(b"PK")
+        ('a Git LFS pointer, not the file it points to: run `git lfs pull` (or download the file)', None)
+    """
+    if head.startswith(b"version https://"):
+        return "a Git LFS pointer, not the file it points to: run `git lfs pull` (or download the file)"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")):
+        return "an HTML page (a web page saved instead of the file: download the file itself)"
+    return None
+
+
+_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "_sharding")
+
+
+def _orbax_hint(folder: Path) -> str:
+    if any((folder / marker).exists() for marker in _ORBAX_MARKERS):
+        return (
+            " It is an Orbax checkpoint: restore it with orbax.checkpoint, then jw.save the tree to read it "
+            "with jaxweights."
+        )
+    return ""
 
 
 def _plugin(files: list[Path]) -> FormatPlugin:
