@@ -1,4 +1,8 @@
-"""The command line: ``jaxweights inspect PATH...``, ``jaxweights convert SRC DST``, ``jaxweights demo``.
+"""The command line: ``jaxweights inspect PATH...``, ``jaxweights diff A B``, ``jaxweights convert SRC
+DST``, ``jaxweights demo`` (also ``python -m jaxweights``). Paths may be Hugging Face repository ids.
+
+Exit status: 0 done (``diff``: no differences), 1 ``diff`` found differences, 2 a usage error or bad
+input.
 
 ``convert`` writes one tensor at a time (quantized GGUF tensors dequantized on the CPU in row chunks with
 ``--dequantize``), so its memory stays bounded whatever the checkpoint's size.
@@ -77,13 +81,149 @@ def _generated_checkpoint() -> Path:
     return save_file(tensors, folder / "model.safetensors", metadata={"generated_by": "jaxweights demo"})
 
 
-def _inspect(paths: Sequence[str], full: bool) -> None:
-    weights = load_weights(list(paths))
+def _open(paths: Sequence[str]) -> Any:
+    """`load_weights` of the paths, or of the one repository id given."""
+    return load_weights(paths[0] if len(paths) == 1 else list(paths))
+
+
+def _inspect(paths: Sequence[str], full: bool, prefix: str | None = None, as_json: bool = False) -> None:
+    root = _open(paths)
+    weights = root[prefix] if prefix else root
+    if prefix and not weights.exists() and not len(weights):
+        raise ArgumentError(f"--prefix {prefix!r} names nothing in {', '.join(paths)}.")
+    if as_json:
+        print(json.dumps(_inspect_json(root, weights), indent=1))
+        return
     print(weights.summary(collapse=not full))
-    lines = _metadata_lines(weights.metadata)
+    lines = _metadata_lines(root.metadata)
     if lines:
         print(f"metadata ({len(lines)} keys):")
         print("\n".join(lines))
+
+
+def _inspect_json(root: Any, weights: Any) -> dict[str, Any]:
+    """What ``inspect --json`` prints: the format, files, metadata (arrays summarised) and every tensor."""
+    checkpoint = root.checkpoint
+    tensors = []
+    for _, weight in weights.items():
+        info = weight.info
+        tensors.append(
+            {
+                "name": info.name,
+                "dtype": info.dtype.name,
+                "shape": list(info.shape),
+                "nbytes": info.nbytes,
+                "file": str(info.file),
+                "encoding": info.encoding.name if info.encoding is not None else None,
+            }
+        )
+    metadata: dict[str, Any] = {}
+    for key in sorted(root.metadata):
+        array = _array_info(root.metadata, key)
+        value = None if array is not None else root.metadata[key]
+        if array is not None:
+            metadata[key] = {"array": array[0], "count": array[1]}
+        elif isinstance(value, (str, int, float, bool)) or value is None:
+            metadata[key] = value
+        else:
+            metadata[key] = repr(value)[:200]
+    return {
+        "format": checkpoint.format.value,
+        "files": [str(path) for path in checkpoint.files],
+        "tensors": tensors,
+        "count": len(tensors),
+        "nbytes": sum(t["nbytes"] for t in tensors),
+        "metadata": metadata,
+    }
+
+
+def _diff(first: str, second: str, values: bool, as_json: bool) -> int:
+    """Prints how two checkpoints differ; returns 1 when they do, else 0.
+
+    Names only in one, then dtype or shape differences, then with ``values`` the largest absolute
+    difference of each tensor both hold with one dtype and shape, read tensor by tensor in row chunks of
+    at most 64 MiB (bounded memory whatever the checkpoints' sizes).
+    """
+    a, b = load_weights(first), load_weights(second)
+    names_a = [name for name, _ in a.items()]
+    names_b = [name for name, _ in b.items()]
+    in_b = set(names_b)
+    in_a = set(names_a)
+    only_a = [n for n in names_a if n not in in_b]
+    only_b = [n for n in names_b if n not in in_a]
+    layout: list[dict[str, Any]] = []
+    compared: list[dict[str, Any]] = []
+    for name in names_a:
+        if name not in in_b:
+            continue
+        x, y = a.checkpoint[name], b.checkpoint[name]
+        if (x.dtype, x.shape, x.encoding) != (y.dtype, y.shape, y.encoding):
+            layout.append({"name": name, "a": _layout(x), "b": _layout(y)})
+        elif values:
+            difference = _max_abs_difference(a.checkpoint, x, b.checkpoint, y)
+            if difference != 0:
+                compared.append({"name": name, "max_abs_difference": difference})
+    differs = bool(only_a or only_b or layout or compared)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "only_in_a": only_a,
+                    "only_in_b": only_b,
+                    "layout": layout,
+                    "values": compared,
+                    "values_compared": values,
+                    "identical": not differs,
+                },
+                indent=1,
+            )
+        )
+        return 1 if differs else 0
+    for label, names, path in (("only in A", only_a, first), ("only in B", only_b, second)):
+        if names:
+            print(f"{label} ({path}): {len(names)} tensor(s)")
+            print("\n".join(f"  {name}" for name in names))
+    if layout:
+        print(f"different dtype or shape: {len(layout)} tensor(s)")
+        print("\n".join(f"  {d['name']}: {d['a']} -> {d['b']}" for d in layout))
+    if compared:
+        print(f"different values: {len(compared)} tensor(s) (largest absolute difference)")
+        print("\n".join(f"  {d['name']}: {d['max_abs_difference']:.6g}" for d in compared))
+    if not differs:
+        checked = "names, dtypes, shapes and values" if values else "names, dtypes and shapes"
+        print(f"identical {checked}: {len(names_a)} tensor(s)")
+    return 1 if differs else 0
+
+
+def _layout(info: TensorInfo) -> str:
+    encoding = f" {info.encoding.name}" if info.encoding is not None else ""
+    return f"{info.dtype.name}{list(info.shape)}{encoding}"
+
+
+def _max_abs_difference(ca: Checkpoint, x: TensorInfo, cb: Checkpoint, y: TensorInfo) -> float:
+    """The largest ``|a - b|`` over a tensor both checkpoints hold with one layout, in float64, read in row
+    chunks (quantized blocks and other non-numeric data: 0.0 when the bytes match, else inf). NaNs at the
+    same places count as equal; a NaN facing a number counts as inf."""
+    va, vb = ca.view(x), cb.view(y)
+    numeric = x.encoding is None and (x.dtype.is_float() or x.dtype.is_integral())
+    if not numeric:
+        return 0.0 if np.array_equal(va.view(np.uint8), vb.view(np.uint8)) else float("inf")
+    rows = va.shape[0] if va.ndim else 1
+    row_bytes = max(1, x.nbytes // max(rows, 1))
+    step = max(1, _CHUNK_BYTES // 8 // max(1, row_bytes // max(x.dtype.size_in_bytes, 1)))
+    largest = 0.0
+    for start in range(0, rows, step):
+        pa = np.asarray(va[start : start + step] if va.ndim else va, dtype=np.float64)
+        pb = np.asarray(vb[start : start + step] if vb.ndim else vb, dtype=np.float64)
+        both_nan = np.isnan(pa) & np.isnan(pb)
+        diff = np.abs(pa - pb)
+        diff[both_nan] = 0.0
+        diff[np.isnan(diff)] = np.inf
+        if diff.size:
+            largest = max(largest, float(diff.max()))
+        ca.release(x, start * row_bytes, min(step, rows - start) * row_bytes)
+        cb.release(y, start * row_bytes, min(step, rows - start) * row_bytes)
+    return largest
 
 
 def _metadata_lines(metadata: Mapping[str, Any]) -> list[str]:
@@ -245,8 +385,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jaxweights {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="print a checkpoint's tree with dtypes, shapes and sizes")
-    inspect.add_argument("paths", nargs="+", help="files, folders or an index.json")
+    inspect.add_argument(
+        "paths", nargs="+", help="files, folders, an index.json, or a Hugging Face repository id"
+    )
     inspect.add_argument("--full", action="store_true", help="do not collapse repeated layers")
+    inspect.add_argument("--prefix", help="show only the tensors under this dotted name")
+    inspect.add_argument("--json", action="store_true", help="print JSON (format, files, tensors, metadata)")
+    diff = sub.add_parser(
+        "diff", help="compare two checkpoints: names, dtypes and shapes (exit status 1 when they differ)"
+    )
+    diff.add_argument("a", help="a file, folder, index.json or repository id")
+    diff.add_argument("b", help="the other one")
+    diff.add_argument(
+        "--values",
+        action="store_true",
+        help="also the largest absolute difference of each tensor (reads both)",
+    )
+    diff.add_argument("--json", action="store_true", help="print JSON")
     convert = sub.add_parser("convert", help="rewrite a checkpoint as one 64-byte aligned safetensors file")
     convert.add_argument("source", nargs="+", help="files, folders or an index.json")
     convert.add_argument("target", help="output .safetensors path")
@@ -260,13 +415,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
-        _inspect(args.paths, args.full)
+        _inspect(args.paths, args.full, args.prefix, args.json)
+    elif args.command == "diff":
+        return _diff(args.a, args.b, args.values, args.json)
     elif args.command == "convert":
         _convert(args.source, args.target, args.dtype, args.dequantize)
     else:
         _demo()
+    return 0
 
 
 def _describe_os_error(error: OSError) -> str:
@@ -296,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        _run(args)
+        status = _run(args)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
     except BrokenPipeError:
         _silence_stdout()
@@ -310,4 +468,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"jaxweights: {_describe_os_error(error)}", file=sys.stderr)
         return 2
-    return 0
+    return status

@@ -327,3 +327,52 @@ def test_inspect_and_convert_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureF
     assert metadata["llama.attention.head_count"] == "8" and metadata["general.name"] == "tiny llama"
     assert metadata["tiny.flag"] == "true" and metadata["tiny.ratio"] == "0.5"
     assert "tokenizer.ggml.tokens" not in metadata
+
+
+def test_inspect_prefix_and_json(transformer: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    assert main(["inspect", str(transformer), "--prefix", "transformer.layers.3"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.4" not in out and "3 tensors" in out
+    assert main(["inspect", str(transformer), "--json", "--prefix", "transformer.layers.3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "safetensors" and report["count"] == 3 == len(report["tensors"])
+    first = report["tensors"][0]
+    assert first["name"].startswith("transformer.layers.3.") and set(first) == {
+        "name",
+        "dtype",
+        "shape",
+        "nbytes",
+        "file",
+        "encoding",
+    }
+    assert report["nbytes"] == sum(t["nbytes"] for t in report["tensors"])
+    assert main(["inspect", str(transformer), "--prefix", "no.such"]) == 2
+    assert "--prefix 'no.such' names nothing" in capsys.readouterr().err
+
+
+def test_diff_names_layouts_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    base = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, np.int32), "c": np.zeros(2)}
+    changed = {**base, "a": base["a"] + np.float32(0.5), "b": np.ones(4, np.int32), "d": np.ones(1)}
+    del changed["c"]
+    first = jw.save_file(base, tmp_path / "a.safetensors")
+    second = jw.save_file(changed, tmp_path / "b.safetensors")
+    assert main(["diff", str(first), str(first), "--values"]) == 0
+    assert "identical names, dtypes, shapes and values: 3 tensor(s)" in capsys.readouterr().out
+    assert main(["diff", str(first), str(second)]) == 1
+    out = capsys.readouterr().out
+    assert "only in A" in out and "  c" in out and "only in B" in out and "  d" in out
+    assert "b: int32[3] -> int32[4]" in out and "different values" not in out
+    assert main(["diff", str(first), str(second), "--values", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["only_in_a"] == ["c"] and report["only_in_b"] == ["d"]
+    assert report["values"] == [{"name": "a", "max_abs_difference": 0.5}] and not report["identical"]
+    nan = jw.save_file({"x": np.array([np.nan, 1.0], np.float32)}, tmp_path / "n1.safetensors")
+    other = jw.save_file({"x": np.array([np.nan, 2.0], np.float32)}, tmp_path / "n2.safetensors")
+    assert main(["diff", str(nan), str(nan), "--values"]) == 0  # NaNs in the same places are equal
+    assert main(["diff", str(nan), str(other), "--values"]) == 1
+    assert "x: 1" in capsys.readouterr().out
+    assert main(["diff", str(first), str(tmp_path / "missing.safetensors")]) == 2
