@@ -425,7 +425,19 @@ class Weights:
         return sorted(set(public) | set(segments))
 
     def _ipython_key_completions_(self) -> list[str]:
-        return self._store.index.children(self._prefix)
+        """What ``weights["<TAB>`` offers: the children, then every dotted name below them, tensors and
+        prefixes alike (``"encoder.la<TAB>"`` completes to ``"encoder.layer"``, ``"encoder.layer.0"``, ...)."""
+        skip = len(self._prefix) + 1 if self._prefix else 0
+        found: dict[str, None] = dict.fromkeys(self._store.index.children(self._prefix))
+        for name in self._store.index.under(self._prefix):
+            segments = name[skip:].split(".")
+            for end in range(2, len(segments) + 1):
+                found.setdefault(".".join(segments[:end]), None)
+        return list(found)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's terminal display: the collapsed tree (`summary`), not the one-line repr."""
+        printer.text(repr(self) if cycle else self.summary(max_lines=200))
 
     def __iter__(self) -> Iterator[Weights]:
         """The accessors one level down, in natural order (``layers[0]``, ``layers[1]``, ...)."""

@@ -335,3 +335,33 @@ def test_public_classes_live_in_the_package_namespace() -> None:
     assert classes and all(cls.__module__ == "jaxweights" for cls in classes), [
         cls for cls in classes if cls.__module__ != "jaxweights"
     ]
+
+
+def completions(namespace: dict[str, object], text: str) -> set[str]:
+    """What IPython's default completer offers for ``text`` (the cursor at its end)."""
+    shell_module = pytest.importorskip("IPython.core.interactiveshell")
+    from IPython.core.completer import provisionalcompleter
+
+    shell = shell_module.InteractiveShell.instance()
+    shell.user_ns.update(namespace)
+    with provisionalcompleter():
+        return {completion.text for completion in shell.Completer.completions(text, len(text))}
+
+
+def test_ipython_completes_children_numbered_children_and_keys(tmp_path: Path) -> None:
+    tensors = {f"encoder.layer.{i}.attention.weight": np.ones(2, np.float32) for i in range(3)}
+    tensors["encoder.embeddings.word"] = np.ones(2, np.float32)
+    weights = jw.load_weights(jw.save_file(tensors, tmp_path / "m.safetensors"))
+    namespace = {"weights": weights}
+    assert {"embeddings", "layer", "items"} <= completions(namespace, "weights.encoder.")
+    assert "attention" in completions(namespace, "weights.encoder.layer[0].")
+    keys = completions(namespace, 'weights["encoder.la')
+    assert {"encoder.layer", "encoder.layer.0", "encoder.layer.2.attention.weight"} <= keys
+    assert all(key.startswith("encoder.la") for key in keys)
+
+
+def test_terminal_ipython_shows_the_tree(tmp_path: Path) -> None:
+    pretty = pytest.importorskip("IPython.lib.pretty")
+    weights = jw.load_weights(jw.save_file({"a.b": np.ones(2, np.float32)}, tmp_path / "m.safetensors"))
+    shown = pretty.pretty(weights)
+    assert shown == weights.summary(max_lines=200) and "a.b" in shown and "float32[2]" in shown
