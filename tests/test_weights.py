@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -337,7 +337,7 @@ def test_public_classes_live_in_the_package_namespace() -> None:
     ]
 
 
-def completions(namespace: dict[str, object], text: str) -> set[str]:
+def completions(namespace: Mapping[str, object], text: str) -> set[str]:
     """What IPython's default completer offers for ``text`` (the cursor at its end)."""
     shell_module = pytest.importorskip("IPython.core.interactiveshell")
     from IPython.core.completer import provisionalcompleter
