@@ -355,7 +355,11 @@ def test_inspect_prefix_and_json(transformer: Path, capsys: pytest.CaptureFixtur
 def test_diff_names_layouts_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    base = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3, np.int32), "c": np.zeros(2)}
+    base: dict[str, np.ndarray] = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.ones(3, np.int32),
+        "c": np.zeros(2),
+    }
     changed = {**base, "a": base["a"] + np.float32(0.5), "b": np.ones(4, np.int32), "d": np.ones(1)}
     del changed["c"]
     first = jw.save_file(base, tmp_path / "a.safetensors")
