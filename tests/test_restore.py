@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxweights as jw
 from jaxweights._pytree import path_name
+from jaxweights._restore import RestoreReport
 from jaxweights.errors import StructureMismatchError
 
 
@@ -266,3 +269,185 @@ def test_safetensors_flax_checkpoints_restore(tmp_path: Path) -> None:
         tmp_path / "flax.safetensors", {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
     )
     assert_restored(restored, source)
+
+
+def restore_reported(path: Path, target: Any, **options: Any) -> tuple[Any, RestoreReport]:
+    """``jw.restore(path, target, report=True, **options)``, checked to return a `jw.RestoreReport`."""
+    restored, report = jw.restore(path, target, report=True, **options)
+    assert isinstance(report, jw.RestoreReport)
+    return restored, report
+
+
+def assert_same_leaves(got: Any, want: Any) -> None:
+    """Every leaf of ``got`` equals ``want``'s bit for bit (dtype, shape and bytes), path by path."""
+    got_leaves, want_leaves = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (got, want))
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+    for (path, a), (_, b) in zip(got_leaves, want_leaves, strict=True):
+        a, b = np.asarray(jax.device_get(a)), np.asarray(jax.device_get(b))
+        assert (a.dtype, a.shape, a.tobytes()) == (b.dtype, b.shape, b.tobytes()), path_name(path)
+
+
+def fix_line(error: pytest.ExceptionInfo[StructureMismatchError]) -> str:
+    return str(error.value).rsplit("\n", 1)[-1]
+
+
+def test_pretrained_encoder_under_a_fresh_nnx_head(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from flax import nnx
+
+    class Encoder(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.proj = nnx.Linear(4, 8, rngs=rngs)
+            self.norm = nnx.LayerNorm(8, rngs=rngs)
+
+    class Pretraining(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.encoder = Encoder(rngs)
+            self.lm_head = nnx.Linear(8, 16, rngs=rngs)
+
+    class Classifier(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.encoder = Encoder(rngs)
+            self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    pretrained = Pretraining(nnx.Rngs(0))
+    path = jw.save(pretrained, tmp_path / "pretrained")
+    fresh = Classifier(nnx.Rngs(1))
+    with caplog.at_level(logging.INFO, logger="jaxweights"):
+        model = jw.restore(path, fresh, strict=False)  # the whole job: one call
+    assert isinstance(model, Classifier) and model is not fresh
+    assert_same_leaves(nnx.state(model.encoder), nnx.state(pretrained.encoder))
+    assert_same_leaves(nnx.state(model.head), nnx.state(fresh.head))  # the fresh initialisation, kept
+    warning, info = (r for r in caplog.records if r.name == "jaxweights")
+    assert warning.levelno == logging.WARNING and info.levelno == logging.INFO
+    assert "not in the checkpoint (2):\n    head.bias\n    head.kernel" in warning.getMessage()
+    assert "in the checkpoint, not used (2):\n    lm_head.bias\n    lm_head.kernel" in info.getMessage()
+
+    _, report = restore_reported(path, fresh, strict=False)
+    assert report == RestoreReport(
+        missing=("head.bias", "head.kernel"), unused=("lm_head.bias", "lm_head.kernel")
+    )
+
+    with pytest.raises(
+        StructureMismatchError, match=r"Fix: .*, or pass strict=False to keep the target's own"
+    ):
+        jw.restore(path, fresh)
+    abstract_model = nnx.eval_shape(lambda: Classifier(nnx.Rngs(1)))
+    with pytest.raises(
+        StructureMismatchError,
+        match=r"missing from the checkpoint \(2\):\n    head\.bias \(abstract: no value",
+    ) as caught:
+        jw.restore(path, abstract_model, strict=False)
+    assert "head.kernel (abstract: no value of its own to keep)" in str(caught.value)
+    assert "strict=False" not in fix_line(caught)  # it was passed already
+    assert "give each abstract leaf listed a concrete array" in fix_line(caught)
+
+
+def test_pretrained_encoder_under_a_fresh_equinox_head(tmp_path: Path) -> None:
+    import equinox as eqx
+
+    class Classifier(eqx.Module):
+        encoder: eqx.nn.MLP
+        head: eqx.nn.Linear
+
+    pretrained = eqx.nn.MLP(3, 8, 8, 1, key=jax.random.PRNGKey(0))
+    path = jw.save({"encoder": pretrained}, tmp_path / "encoder")
+    keys = jax.random.split(jax.random.PRNGKey(1))
+    fresh = Classifier(eqx.nn.MLP(3, 8, 8, 1, key=keys[0]), eqx.nn.Linear(8, 2, key=keys[1]))
+    model, report = restore_reported(path, fresh, strict=False)
+    assert isinstance(model, Classifier) and model.encoder.activation is fresh.encoder.activation
+    assert_same_leaves(eqx.filter(model.encoder, eqx.is_array), eqx.filter(pretrained, eqx.is_array))
+    assert_same_leaves(model.head, fresh.head)
+    assert report == RestoreReport(missing=("head.bias", "head.weight"))
+    assert_same_leaves(jw.restore(path, fresh, strict=False), model)
+
+
+def test_partial_plain_pytree_keeps_concrete_leaves_and_reports(
+    checkpoint: Path, source: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    head = {
+        "kernel": np.random.default_rng(2).standard_normal((4, 2), dtype=np.float32),
+        "scale": np.float32(2),
+    }
+    target = {
+        "encoder": {"layer": [{"kernel": jnp.zeros((8, 4))}], "norm": {"scale": jnp.zeros(4)}},
+        "head": head,
+        "step": 0,
+        "lr": 0.5,
+    }
+    restored, report = restore_reported(checkpoint, target, strict=False)
+    assert_restored(restored["encoder"], {k.removeprefix("encoder."): v for k, v in source.items()})
+    assert restored["head"]["kernel"] is head["kernel"] and restored["head"]["scale"] is head["scale"]
+    assert (restored["step"], restored["lr"]) == (3, 0.5)
+    assert report == RestoreReport(
+        missing=("head.kernel", "head.scale", "lr"), unused=("encoder.layer.1.kernel",)
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxweights"):
+        jw.restore(checkpoint, target, strict=False)
+    (record,) = caplog.records  # INFO (the unused tensor) is below the level asked for
+    assert record.levelno == logging.WARNING and "head.kernel\n    head.scale\n    lr" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxweights"):
+        jw.restore(checkpoint, target_tree())  # a complete, exact restore says nothing
+    assert not caplog.records
+
+
+def test_strict_false_still_reports_abstract_leaves_and_shapes(checkpoint: Path) -> None:
+    target = {
+        "encoder": {"layer": [{"kernel": jnp.zeros((4, 8))}], "norm": {"scale": jnp.zeros(4)}},
+        "head": {"kernel": jax.ShapeDtypeStruct((4, 2), jnp.float32)},
+    }
+    with pytest.raises(StructureMismatchError, match="disagree in 3 place") as caught:
+        jw.restore(checkpoint, target)
+    assert re.search(r"Fix: .*, pass strict=False to keep the target's own values", fix_line(caught))
+    with pytest.raises(StructureMismatchError, match="disagree in 2 place") as caught:
+        jw.restore(checkpoint, target, strict=False)
+    message = str(caught.value)
+    assert "head.kernel (abstract: no value of its own to keep)" in message
+    assert (
+        "encoder.layer.0.kernel: target shape (4, 8), checkpoint 'encoder.layer.0.kernel' has (8, 4)"
+        in message
+    )
+    assert "strict=False" not in fix_line(caught)
+    assert fix_line(caught).endswith(
+        "give each abstract leaf listed a concrete array (its value is then kept), or pass "
+        "ignore_mismatched_sizes=True to keep the target's values where shapes differ."
+    )
+
+
+def test_ignore_mismatched_sizes_keeps_concrete_leaves(
+    checkpoint: Path, source: dict[str, np.ndarray]
+) -> None:
+    wide = jnp.arange(5.0)
+    target = target_tree()
+    target["encoder"]["norm"]["scale"] = wide
+    with pytest.raises(
+        StructureMismatchError, match=r"target shape \(5,\), checkpoint 'encoder.norm.scale' has \(4,\)"
+    ):
+        jw.restore(checkpoint, target, strict=False)  # strict=False is about names, not shapes
+    restored, report = restore_reported(checkpoint, target, ignore_mismatched_sizes=True)
+    assert restored["encoder"]["norm"]["scale"] is wide
+    assert_restored({"encoder": {"layer": restored["encoder"]["layer"]}}, source)
+    assert report == RestoreReport(mismatched=("encoder.norm.scale",))  # used, so not unused either
+    target["encoder"]["norm"]["scale"] = jax.ShapeDtypeStruct((5,), jnp.float32)
+    with pytest.raises(StructureMismatchError, match=r"has \(4,\) \(abstract: no value of its own to keep\)"):
+        restore_reported(checkpoint, target, ignore_mismatched_sizes=True)
+
+
+def test_report_lists_casts_and_transforms(checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = target_tree()
+    target["encoder"]["norm"]["scale"] = jnp.zeros(4, jnp.bfloat16)
+    target["encoder"]["layer"][1]["kernel"] = jnp.zeros((4, 8), jnp.bfloat16)
+    keymap = jw.KeyMap(transforms=((r"layer\.1\.kernel$", jw.Transpose()),))
+    with caplog.at_level(logging.INFO, logger="jaxweights"):
+        _, report = restore_reported(checkpoint, target, cast=True, keymap=keymap)
+    assert report == RestoreReport(
+        converted={
+            "encoder.layer.1.kernel": "transformed by Transpose(axes=None), float32 -> bfloat16",
+            "encoder.norm.scale": "float32 -> bfloat16",
+        }
+    )
+    (record,) = caplog.records
+    assert record.levelno == logging.INFO and "converted (2):\n    encoder.layer.1.kernel: transformed" in (
+        record.getMessage()
+    )
