@@ -10,6 +10,14 @@ removed first; every operating-system error becomes a `CheckpointWriteError`. Sh
 shard by shard (replicated blocks once), so host memory stays near one shard; the caller's tree is never
 modified. Non-array leaves (step counters, flags) are stored as JSON in the metadata.
 
+In a multi-process job nothing is gathered: every process lays the files out alike (`plan_files`),
+process 0 creates them in its staging folder at their final size, and each process ``pwrite``s the blocks
+whose lowest-numbered holder it is (so each byte is written once) and fsyncs; process 0 publishes after
+all have. The steps are agreed through the `jax.distributed` key-value store with a timeout
+(`BARRIER_TIMEOUT_S`), and a failure in any process becomes a `CheckpointWriteError` in every process.
+The folder must be on a file system every process sees. Without that store (a JAX that moved it), process
+0 writes everything, gathering one sharded array at a time.
+
 The bytes and the file layout come from the safetensors plug-in's `FormatWriter`; this module owns the
 tree, the multi-process protocol and which files a save replaces, and never writes a format's bytes or
 renames a file itself.
@@ -17,24 +25,29 @@ renames a file itself.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import jax
 import numpy as np
 
-from ._plan import plan_reads
+from ._compat import kv_client
+from ._plan import BlockRead, plan_reads
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, flatten_target, is_array_like, split_module
 from ._staging import publish_folder, staging, write_atomically, write_error
 from .errors import ArgumentError, CheckpointWriteError, StructureMismatchError
 from .formats import FormatWriter, TensorInfo, TensorSpec, WeightsFormat, plugin_for, spec_of
-from .formats.safetensors import INDEX_NAME
+from .formats.safetensors import INDEX_NAME, FileLayout, index_text, plan_files
 
-__all__ = ["parse_size", "previous_weight_files", "save"]
+__all__ = ["SaveStats", "last_save_stats", "parse_size", "previous_weight_files", "save"]
 
 
 def parse_size(size: int | str) -> int:
@@ -101,6 +114,38 @@ def _write_blocks(writer: FormatWriter, out: BinaryIO, array: jax.Array) -> bool
     return True
 
 
+def savable_leaves(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(arrays, scalars)`` of a tree to save, by dotted name; functions and static leaves skipped.
+
+    Raises:
+        StructureMismatchError: every leaf that cannot be stored (abstract, or neither array nor scalar).
+    """
+    module = split_module(tree)
+    leaves, _ = flatten_target(module[0] if module is not None else tree)
+    arrays: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
+    bad: list[str] = []
+    for leaf in leaves:
+        if isinstance(leaf.value, jax.ShapeDtypeStruct):
+            bad.append(f"{leaf.name}: an abstract ShapeDtypeStruct has no data to save")
+        elif is_array_like(leaf.value):
+            arrays[leaf.name] = leaf.value
+        elif isinstance(leaf.value, SCALAR_TYPES):
+            scalars[leaf.name] = leaf.value
+        elif not callable(leaf.value):
+            kind = type(leaf.value).__name__
+            bad.append(
+                f"{leaf.name}: {'an' if kind[:1] in 'aeiou' else 'a'} {kind} is neither an array nor a scalar"
+            )
+    if bad:
+        raise StructureMismatchError(
+            "Cannot save these leaves:\n"
+            + "".join(f"  {line}\n" for line in sorted(bad))
+            + "Fix: filter them out (e.g. eqx.filter(tree, eqx.is_array)) or convert them to arrays."
+        )
+    return arrays, scalars
+
+
 def save(
     tree: Any,
     path: str | os.PathLike[str],
@@ -130,6 +175,11 @@ def save(
     an existing folder keeps its mode. Temporary entries that killed saves of the same target left are
     removed first.
 
+    In a multi-process `jax.distributed` job, every process calls ``save`` with the same tree and a path
+    on a file system they all share; each writes only the blocks of its own shards (nothing is gathered),
+    and the result is byte for byte what one process would write. A process that fails or never arrives
+    makes the save raise `CheckpointWriteError` in every process.
+
     Raises:
         CheckpointWriteError: the folder is read-only, the disk is full, ``path`` is a file where a
             folder is expected (or a folder where a file is): it names the step that failed and a fix;
@@ -145,29 +195,8 @@ def save(
         7
     """
     path = Path(path)
-    module = split_module(tree)
-    leaves, _ = flatten_target(module[0] if module is not None else tree)
-    arrays: dict[str, Any] = {}
-    scalars: dict[str, Any] = {}
-    bad: list[str] = []
-    for leaf in leaves:
-        if isinstance(leaf.value, jax.ShapeDtypeStruct):
-            bad.append(f"{leaf.name}: an abstract ShapeDtypeStruct has no data to save")
-        elif is_array_like(leaf.value):
-            arrays[leaf.name] = leaf.value
-        elif isinstance(leaf.value, SCALAR_TYPES):
-            scalars[leaf.name] = leaf.value
-        elif not callable(leaf.value):
-            kind = type(leaf.value).__name__
-            bad.append(
-                f"{leaf.name}: {'an' if kind[:1] in 'aeiou' else 'a'} {kind} is neither an array nor a scalar"
-            )
-    if bad:
-        raise StructureMismatchError(
-            "Cannot save these leaves:\n"
-            + "".join(f"  {line}\n" for line in sorted(bad))
-            + "Fix: filter them out (e.g. eqx.filter(tree, eqx.is_array)) or convert them to arrays."
-        )
+    round_id = next(_rounds) if jax.process_count() > 1 else 0  # counted before anything can raise
+    arrays, scalars = savable_leaves(tree)
     specs = [spec_of(name, value) for name, value in arrays.items()]
     info: dict[str, str] = dict(metadata or {})
     if scalars:
@@ -181,8 +210,21 @@ def save(
 
     single = path.suffix == ".safetensors"
     limit = parse_size(max_shard_size)
+    client = kv_client() if jax.process_count() > 1 else None
     try:
-        if not primary:  # other processes of a job take part in process 0's gathers, in its order
+        if client is not None:
+            sync = _Rendezvous(client, round_id, path)
+            _record(_save_distributed(sync, writer, path, arrays, specs, info, None if single else limit))
+            return path
+        files = plan_files(specs, info or None, None if single else limit)
+        _record(
+            SaveStats(
+                tensor_bytes=sum(spec.nbytes for spec in specs) if primary else 0,
+                header_bytes=_header_size(files, specs, info) if primary else 0,
+                pieces=len(specs) if primary else 0,
+            )
+        )
+        if not primary:  # without a key-value store: take part in process 0's gathers, in its order
             for spec in writer.write_order(specs, None if single else limit):
                 value = arrays[spec.name]
                 if isinstance(value, jax.Array) and not value.is_fully_addressable:
@@ -259,3 +301,288 @@ def _save_folder(
         stage.doing = "writing the weights"
         writer.write_folder(stage.folder, specs, write, info or None, limit)
         publish_folder(stage, replaced=previous_weight_files(stage.target))
+
+
+# Multi-process saves: every process writes its own shards into files process 0 created
+# ---------------------------------------------------------------------------------------------
+
+BARRIER_TIMEOUT_S = 1800.0
+"""How long a process of a multi-process save waits at each step for the others (the slowest process's
+writes fall within one step) before it gives up with a `CheckpointWriteError`."""
+
+_rounds = itertools.count()
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """What this process wrote in its last `save` (for tests and benchmarks).
+
+    Attributes:
+        tensor_bytes: tensor bytes this process wrote (all-zero blocks left as holes included); over the
+            processes of a job they sum to the checkpoint's tensor bytes.
+        header_bytes: header and index bytes (process 0 only).
+        pieces: whole arrays and blocks of sharded arrays written.
+    """
+
+    tensor_bytes: int
+    header_bytes: int
+    pieces: int
+
+
+_stats: list[SaveStats] = []
+
+
+def _record(stats: SaveStats) -> None:
+    _stats[:] = [stats]
+
+
+def last_save_stats() -> SaveStats | None:
+    """This process's `SaveStats` of its last `save`, or None before any.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> _ = jw.save({"w": np.ones(16, np.float32)}, f"{tempfile.mkdtemp()}/ckpt")
+        >>> last_save_stats().tensor_bytes
+        64
+    """
+    return _stats[-1] if _stats else None
+
+
+def _header_size(files: list[FileLayout], specs: list[TensorSpec], info: dict[str, str]) -> int:
+    index = index_text(files, specs, info or None)
+    return sum(len(layout.header) for layout in files) + (len(index.encode()) if index else 0)
+
+
+class _Rendezvous:
+    """The steps of one multi-process save, agreed through the `jax.distributed` key-value store.
+
+    Process 0 posts ``created`` (the staged files' paths) and ``published``; the others post ``planned``
+    (their layout's digest) and ``written``. Each value is ``ok:<payload>`` or ``error:<message>``; a
+    process that fails posts its error at every step it has not posted yet, so no process waits on it
+    longer than the step it is at, and every wait has a timeout.
+    """
+
+    def __init__(self, client: Any, round_id: int, path: Path) -> None:
+        self.client = client
+        self.prefix = f"jaxweights/save/{round_id}"
+        self.path = path
+        self.me = jax.process_index()
+        self.count = jax.process_count()
+        self.posted: set[str] = set()
+        self.peer_errors: list[str] = []
+
+    def post(self, step: str, payload: str = "") -> None:
+        self.client.key_value_set(f"{self.prefix}/{step}/{self.me}", f"ok:{payload}")
+        self.posted.add(step)
+
+    def fail(self, steps: tuple[str, ...], error: BaseException) -> None:
+        """Posts ``error`` (or the peers' errors that caused it) at every step of ``steps`` not posted."""
+        text = " ".join(self.peer_errors) or f"process {self.me}: {error}"
+        for step in steps:
+            if step not in self.posted:
+                with contextlib.suppress(Exception):  # the store is gone: the others time out
+                    self.client.key_value_set(f"{self.prefix}/{step}/{self.me}", f"error:{text}")
+                self.posted.add(step)
+
+    def wait(self, step: str, processes: range) -> list[str]:
+        """The payloads ``processes`` posted at ``step``; raises `CheckpointWriteError` when one of them
+        failed or did not post within `BARRIER_TIMEOUT_S`."""
+        payloads = []
+        for process in processes:
+            try:
+                value = self.client.blocking_key_value_get(
+                    f"{self.prefix}/{step}/{process}", int(BARRIER_TIMEOUT_S * 1000)
+                )
+            except Exception as error:  # the store raises XlaRuntimeError on timeout
+                self.peer_errors.append(
+                    f"process {process} did not reach step {step!r} within {BARRIER_TIMEOUT_S:.0f} s."
+                )
+                raise self.error(
+                    "Every process of the job must call jaxweights.save with the same tree and path."
+                ) from error
+            kind, _, text = str(value).partition(":")
+            if kind != "ok":
+                self.peer_errors.append(text)
+            payloads.append(text)
+        if self.peer_errors:
+            raise self.error("")
+        return payloads
+
+    def error(self, fix: str) -> CheckpointWriteError:
+        return CheckpointWriteError(
+            f"Saving to {self.path} failed in this multi-process job (this is process {self.me}): "
+            f"{' '.join([*self.peer_errors, fix]).strip()}",
+            file=self.path,
+        )
+
+
+def _save_distributed(
+    sync: _Rendezvous,
+    writer: FormatWriter,
+    path: Path,
+    arrays: dict[str, Any],
+    specs: list[TensorSpec],
+    info: dict[str, str],
+    limit: int | None,
+) -> SaveStats:
+    """One multi-process save. Every process lays the files out alike (`plan_files`); process 0 checks
+    that the layouts agree, creates the files in a staging folder at their final size with their headers,
+    and posts their paths; every process writes the blocks it owns with ``pwrite`` and fsyncs; process 0
+    publishes once all have, and posts the outcome, which every process waits for."""
+    files = plan_files(specs, info or None, limit)
+    index = index_text(files, specs, info or None)
+    digest = hashlib.sha256()
+    for layout in files:
+        digest.update(f"{layout.name}\0{layout.size}\0{sorted(layout.offsets.items())}\0".encode())
+        digest.update(layout.header)
+    digest.update((index or "").encode())
+    planned = digest.hexdigest()[:16]
+    steps = ("created", "published") if sync.me == 0 else ("planned", "written")
+    try:
+        if sync.me == 0:
+            return _lead(sync, writer, path, files, index, arrays, planned, single=limit is None)
+        sync.post("planned", planned)
+        paths = [Path(name) for name in json.loads(sync.wait("created", range(1))[0])]
+        stats = _write_share(writer, sync, paths, files, arrays)
+        sync.post("written")
+        sync.wait("published", range(1))
+        return stats
+    except BaseException as error:
+        sync.fail(steps, error)
+        raise
+
+
+def _lead(
+    sync: _Rendezvous,
+    writer: FormatWriter,
+    path: Path,
+    files: list[FileLayout],
+    index: str | None,
+    arrays: dict[str, Any],
+    planned: str,
+    *,
+    single: bool,
+) -> SaveStats:
+    """Process 0's side of `_save_distributed`, inside the staging protocol."""
+    done: list[SaveStats] = []
+
+    def fill(folder: Path, names: list[str]) -> None:
+        digests = sync.wait("planned", range(1, sync.count))
+        if any(other != planned for other in digests):
+            listing = ", ".join(f"process {p}: {d}" for p, d in enumerate([planned, *digests]))
+            sync.peer_errors.append(f"the processes lay out different checkpoints ({listing}).")
+            raise sync.error("Every process must save the same tree (names, dtypes, shapes, scalars).")
+        paths = [folder / name for name in names]
+        header = 0
+        for layout, target in zip(files, paths, strict=True):
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.pwrite(fd, layout.header, 0)
+                os.ftruncate(fd, layout.size)
+            finally:
+                os.close(fd)
+            header += len(layout.header)
+        if index is not None:
+            with open(folder / INDEX_NAME, "w", encoding="utf-8") as handle:
+                handle.write(index)
+                handle.flush()
+                os.fsync(handle.fileno())
+            header += len(index.encode())
+        sync.post("created", json.dumps([str(target) for target in paths]))
+        stats = _write_share(writer, sync, paths, files, arrays)
+        sync.wait("written", range(1, sync.count))
+        done.append(SaveStats(stats.tensor_bytes, header, stats.pieces))
+
+    if single:
+        write_atomically(path, lambda staged: fill(staged.parent, [staged.name]))
+    else:
+        with staging(path) as stage:
+            stage.expect_folder()
+            stage.doing = "writing the weights"
+            fill(stage.folder, [layout.name for layout in files])
+            publish_folder(stage, replaced=previous_weight_files(stage.target))
+    sync.post("published")
+    return done[0]
+
+
+def _write_share(
+    writer: FormatWriter,
+    sync: _Rendezvous,
+    paths: list[Path],
+    files: list[FileLayout],
+    arrays: dict[str, Any],
+) -> SaveStats:
+    """Writes this process's bytes into the created files and fsyncs them: the blocks of sharded arrays
+    whose lowest-numbered holder is this process, and, on process 0, the arrays every process holds
+    whole (numpy arrays, single-process `jax.Array`s)."""
+    written = pieces = 0
+    for target, layout in zip(paths, files, strict=True):
+        try:
+            out = open(target, "r+b")  # noqa: SIM115 - closed below, after the fsync
+        except FileNotFoundError as error:
+            raise CheckpointWriteError(
+                f"Saving to {sync.path} failed: process {sync.me} cannot see {target}, which process 0 "
+                f"created. A multi-process save needs a folder on a file system every process shares.",
+                file=sync.path,
+            ) from error
+        with out:
+            try:
+                for name, offset in layout.offsets.items():
+                    count, parts = _write_owned(writer, out, arrays[name], offset, sync.me)
+                    written += count
+                    pieces += parts
+                out.flush()
+                os.fsync(out.fileno())
+            except CheckpointWriteError:
+                raise
+            except OSError as error:
+                raise write_error(sync.path, f"process {sync.me} was writing its shards", error) from error
+    return SaveStats(written, 0, pieces)
+
+
+def _write_owned(writer: FormatWriter, out: BinaryIO, value: Any, offset: int, me: int) -> tuple[int, int]:
+    """Writes what process ``me`` owns of one array at ``offset``: (bytes, pieces)."""
+    spec = spec_of("", value)
+    spread = isinstance(value, jax.Array) and not value.is_fully_addressable
+    if spread and spec.dtype.is_packed:
+        from jax.experimental import multihost_utils  # float4 shards split bytes: gathered, in step
+
+        value, spread = multihost_utils.process_allgather(value, tiled=True), False
+    local = isinstance(value, jax.Array) and len(value.sharding.device_set) > 1 and not spec.dtype.is_packed
+    if spread or (local and me == 0):
+        return _write_blocks_owned(writer, out, value, spec, offset, me)
+    if me != 0:
+        return 0, 0
+    out.seek(offset)
+    writer.write_array(out, value)
+    out.flush()
+    return spec.nbytes, 1
+
+
+def _write_blocks_owned(
+    writer: FormatWriter, out: BinaryIO, array: jax.Array, spec: TensorSpec, offset: int, me: int
+) -> tuple[int, int]:
+    """The blocks of a sharded array whose lowest-numbered holding process is ``me`` (a replicated block is
+    written once, by one process), each run with ``pwrite`` at its place in the file."""
+    info = TensorInfo("", spec.dtype, spec.shape, Path(), 0, spec.nbytes)
+    plan = plan_reads(info, array.sharding.devices_indices_map(spec.shape))
+    local = {shard.device: shard for shard in array.addressable_shards}
+    written = pieces = 0
+    for block in plan.blocks:
+        if min(cast(jax.Device, device).process_index for device in block.devices) != me:
+            continue
+        device = next(device for device in block.devices if device in local)
+        data = np.ascontiguousarray(np.asarray(local[device].data)).reshape(-1).view(np.uint8)
+        _put_block(writer, out, data, block, offset)
+        written += block.nbytes
+        pieces += 1
+    return written, pieces
+
+
+def _put_block(writer: FormatWriter, out: BinaryIO, data: np.ndarray, block: BlockRead, offset: int) -> None:
+    """Writes a block's C-contiguous bytes to its runs in a tensor starting at ``offset`` in ``out``."""
+    if block.num_runs == 1:
+        writer.write_at(out, data, offset + block.offset)
+        return
+    for number, (start, length) in enumerate(block.runs()):
+        writer.write_at(out, data[number * length : (number + 1) * length], offset + start)

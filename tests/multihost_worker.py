@@ -31,6 +31,8 @@ def main() -> None:
 
 
 def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
+    if scenario.startswith(("write", "restore")):
+        return run_save(scenario, path, pid, n)
     import jax
     import numpy as np
     import safetensors.numpy
@@ -90,6 +92,100 @@ def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
         "expected_bytes": sharded // n + replicated_bytes,
         "checkpoint_bytes": weights.checkpoint.nbytes,
         "local_devices": len(jax.local_devices()),
+    }
+
+
+def sharding_of(name: str) -> Any:
+    """How the save scenarios place each tensor of the values file: by the first part of its name."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    devices = np.array(jax.devices())
+    line, grid = Mesh(devices, ("x",)), Mesh(devices.reshape(2, -1), ("a", "b"))
+    kind = name.split(".")[0]
+    specs = {"rows": (line, P("x")), "cols": (line, P(None, "x")), "grid": (grid, P("a", "b"))}
+    mesh, spec = specs.get(kind, (line, P()))  # "replicated", "scalar": every device holds it whole
+    return None if kind == "host" else NamedSharding(mesh, spec)
+
+
+def run_save(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
+    """``write*``: every process saves the values file's tensors, sharded by `sharding_of` (``host.*`` stay
+    numpy), into ``saved-N`` (shards of at most 10 kB) and ``single-N.safetensors``, and reports what it
+    wrote. ``restore``: restores ``path`` (a saved folder) onto this job's shardings and compares it with
+    the values file beside it, bit for bit."""
+    import time
+    from pathlib import Path
+
+    import jax
+    import numpy as np
+    import safetensors.numpy
+
+    import jaxweights as jw
+    import jaxweights._save
+
+    if scenario == "restore":
+        source = safetensors.numpy.load_file(str(Path(path).parent / "values.safetensors"))
+        target = {
+            "params": {
+                name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding_of(name))
+                if sharding_of(name) is not None
+                else np.zeros_like(value)
+                for name, value in source.items()
+            },
+            "step": 0,
+        }
+        restored = jw.restore(path, target)
+        exact = {}
+        for name, want in source.items():
+            got = restored["params"][name]
+            if isinstance(got, jax.Array):
+                exact[name] = all(
+                    np.asarray(shard.data).tobytes() == want[shard.index].tobytes()
+                    for shard in got.addressable_shards
+                )
+            else:
+                exact[name] = np.asarray(got).tobytes() == want.tobytes()
+        return {"exact": exact, "step": restored["step"], "local_devices": len(jax.local_devices())}
+    source = safetensors.numpy.load_file(path)
+    arrays: dict[str, Any] = {}
+    for name, value in source.items():
+        sharding = sharding_of(name)
+        arrays[name] = value if sharding is None else jax.device_put(value, sharding)  # each device its block
+    tree: dict[str, Any] = {"params": arrays, "step": 7}
+    folder, single = Path(path).parent / f"saved-{n}", Path(path).parent / f"single-{n}.safetensors"
+    if scenario == "write_fails" and pid == 1:  # this process's disk fills while it writes its shards
+
+        def full_disk(*args: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        jaxweights._save._put_block = full_disk  # type: ignore[assignment]
+    if scenario == "write_mismatch" and pid == 1:
+        tree["params"] = {**arrays, "extra": np.ones(3, np.float32)}
+    if scenario == "write_absent":  # process 1 never saves: process 0 times out instead of hanging
+        jaxweights._save.BARRIER_TIMEOUT_S = 3.0
+        if pid == 1:
+            time.sleep(5)
+            return {"skipped": True}
+    started = time.perf_counter()
+    jw.save(tree, folder, max_shard_size="10kB")
+    stats = jaxweights._save.last_save_stats()
+    jw.save(tree, single)
+    single_stats = jaxweights._save.last_save_stats()
+    assert stats is not None and single_stats is not None
+    sharded = sum(v.nbytes for k, v in source.items() if k.split(".")[0] in ("rows", "cols", "grid"))
+    whole = sum(v.nbytes for k, v in source.items() if k.split(".")[0] not in ("rows", "cols", "grid"))
+    return {
+        "seconds": time.perf_counter() - started,
+        "tensor_bytes": stats.tensor_bytes,
+        "single_tensor_bytes": single_stats.tensor_bytes,
+        "header_bytes": stats.header_bytes,
+        "expected_bytes": sharded // n + (whole if pid == 0 else 0),
+        "total_bytes": sharded + whole,
+        "fully_addressable": any(
+            isinstance(a, jax.Array) and a.is_fully_addressable for k, a in arrays.items() if k[:4] != "host"
+        ),
     }
 
 

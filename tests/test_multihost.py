@@ -123,3 +123,98 @@ def test_a_sharded_multi_process_save(checkpoint: Path, tmp_path: Path) -> None:
         assert (got.dtype, got.shape) == (want.dtype, want.shape), name
         assert got.tobytes() == want.tobytes(), name
     assert saved.restore({"step": 0}, strict=False)["step"] == 7
+
+
+# Multi-process saves: each process writes only its own shards
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def values(tmp_path: Path) -> Path:
+    """The tensors the save scenarios shard (`multihost_worker.sharding_of`), by the reference writer."""
+    rng = np.random.default_rng(1)
+    tensors: dict[str, np.ndarray] = {
+        "rows.weight": rng.standard_normal((64, 32), dtype=np.float32),
+        "cols.weight": rng.standard_normal((16, 64), dtype=np.float32),
+        "grid.weight": rng.standard_normal((32, 32), dtype=np.float32),
+        "rows.ids": np.arange(64 * 3, dtype=np.int32).reshape(64, 3),
+        "replicated.bias": rng.standard_normal(32, dtype=np.float32),
+        "scalar.scale": np.array(0.5, np.float32),
+        "host.table": rng.standard_normal((5, 3)).astype(np.float16),
+    }
+    path = tmp_path / "values.safetensors"
+    safetensors.numpy.save_file(tensors, str(path))
+    return path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {entry.name: entry.read_bytes() for entry in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_each_process_writes_only_its_shards_and_the_files_match_a_single_process_save(
+    count: int, values: Path, tmp_path: Path
+) -> None:
+    import jaxweights as jw
+
+    results = run_job(count, values, "write", tmp_path)
+    for result in results:
+        assert "error" not in result, result.get("trace")
+        assert result["fully_addressable"] is False  # every jax leaf spans all processes
+        # Sharded leaves: 1/N of their bytes each; leaves every process holds whole: process 0 alone.
+        assert result["tensor_bytes"] == result["expected_bytes"]
+        assert result["single_tensor_bytes"] == result["expected_bytes"]
+    assert sum(r["tensor_bytes"] for r in results) == results[0]["total_bytes"]
+    assert results[0]["header_bytes"] > 0 and all(r["header_bytes"] == 0 for r in results[1:])
+    # The same values saved by one process, the way every single-process save writes: byte-identical.
+    source = safetensors.numpy.load_file(str(values))
+    tree = {"params": source, "step": 7}
+    folder = jw.save(tree, tmp_path / "reference", max_shard_size="10kB")
+    saved = tmp_path / f"saved-{count}"
+    assert len(files_of(folder)) > 2  # shards and an index
+    assert files_of(saved) == files_of(folder)
+    single = jw.save(tree, tmp_path / "reference.safetensors")
+    assert (tmp_path / f"single-{count}.safetensors").read_bytes() == single.read_bytes()
+    loaded = safetensors.numpy.load_file(str(tmp_path / f"single-{count}.safetensors"))  # reference reader
+    assert sorted(loaded) == sorted(f"params.{name}" for name in source)
+    for name, want in source.items():
+        assert loaded[f"params.{name}"].tobytes() == want.tobytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_four_process_save_restores_bit_for_bit_onto_fewer_processes(
+    count: int, values: Path, tmp_path: Path
+) -> None:
+    for result in run_job(4, values, "write", tmp_path):
+        assert "error" not in result, result.get("trace")
+    for result in run_job(count, tmp_path / "saved-4", "restore", tmp_path):
+        assert "error" not in result, result.get("trace")
+        assert result["local_devices"] == 8 // count
+        assert result["step"] == 7
+        assert result["exact"] == dict.fromkeys(safetensors.numpy.load_file(str(values)), True)
+
+
+def test_a_process_that_fails_to_write_fails_the_save_everywhere(values: Path, tmp_path: Path) -> None:
+    first, second = run_job(2, values, "write_fails", tmp_path)
+    for result in (first, second):
+        assert result.get("error") == "CheckpointWriteError", result
+        assert "process 1 was writing its shards: No space left on device" in result["message"]
+    assert "(this is process 0)" in first["message"]
+    assert not (tmp_path / "saved-2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_processes_saving_different_trees_get_an_error(values: Path, tmp_path: Path) -> None:
+    for result in run_job(2, values, "write_mismatch", tmp_path):
+        assert result.get("error") == "CheckpointWriteError", result
+        assert "lay out different checkpoints" in result["message"]
+    assert not (tmp_path / "saved-2").exists()
+
+
+def test_a_process_that_never_saves_is_a_timeout_error_not_a_hang(values: Path, tmp_path: Path) -> None:
+    first, second = run_job(2, values, "write_absent", tmp_path)
+    assert first.get("error") == "CheckpointWriteError", first
+    assert "process 1 did not reach step 'planned' within 3 s" in first["message"]
+    assert second == {"process": 1, "skipped": True}
+    assert not (tmp_path / "saved-2").exists()

@@ -20,7 +20,7 @@ import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -42,12 +42,15 @@ from ._plugin import FormatPlugin, FormatWriter, TensorSpec, WriteTensor, spec_o
 
 __all__ = [
     "INDEX_NAME",
+    "FileLayout",
     "PLUGIN",
     "TensorSpec",
     "WRITER",
     "WriteTensor",
     "fsync_dir",
+    "index_text",
     "open_safetensors",
+    "plan_files",
     "read_header",
     "save_file",
     "sniff",
@@ -484,6 +487,80 @@ def write_order(specs: Sequence[TensorSpec], max_shard_size: int | None = None) 
     """
     groups = [list(specs)] if max_shard_size is None else _shards(specs, max_shard_size)
     return [spec for group in groups for spec in _layout(group)]
+
+
+class FileLayout(NamedTuple):
+    """One file of a checkpoint laid out before any byte is written (see `plan_files`).
+
+    Attributes:
+        name: the file's name in the folder (``model.safetensors`` or ``model-0000i-of-0000N.safetensors``).
+        header: the length prefix and JSON header, padded so data starts 64-byte aligned.
+        offsets: tensor name -> absolute offset of its first byte in the file.
+        size: the file's size in bytes.
+    """
+
+    name: str
+    header: bytes
+    offsets: dict[str, int]
+    size: int
+
+
+def plan_files(
+    specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None, max_shard_size: int | None
+) -> list[FileLayout]:
+    """The files `write_folder` (with ``max_shard_size``) or `write_file` (without, one file named
+    ``model.safetensors``) would write, laid out byte for byte, so that several writers can each fill
+    their own byte ranges of files created at their final size and produce the same bytes.
+
+    Example:
+        >>> import numpy as np
+        >>> values = {f"w{i}": np.full(256, i, np.float32) for i in range(3)}  # 1 KiB each
+        >>> files = plan_files([spec_of(n, v) for n, v in values.items()], None, 2048)
+        >>> [(f.name, f.offsets, f.size) for f in files]  # doctest: +NORMALIZE_WHITESPACE
+        [('model-00001-of-00002.safetensors', {'w0': 192, 'w1': 1216}, 2240),
+         ('model-00002-of-00002.safetensors', {'w2': 128}, 1152)]
+    """
+    groups = [list(specs)] if max_shard_size is None else _shards(specs, max_shard_size)
+    layouts = []
+    for number, group in enumerate(groups, start=1):
+        header, order = _header_bytes(group, metadata)
+        offsets, position = {}, len(header)
+        for spec in order:
+            offsets[spec.name] = position
+            position += spec.nbytes
+        name = SINGLE_NAME if len(groups) == 1 else f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        layouts.append(FileLayout(name, header, offsets, position))
+    return layouts
+
+
+def index_text(
+    files: Sequence[FileLayout], specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None
+) -> str | None:
+    """The ``model.safetensors.index.json`` text `write_folder` writes beside shards ``files`` (from
+    `plan_files`), or None for a single file, which has no index.
+
+    Example:
+        >>> import numpy as np
+        >>> specs = [spec_of(f"w{i}", np.zeros(256, np.float32)) for i in range(3)]
+        >>> print(index_text(plan_files(specs, None, 2048), specs, None))  # doctest: +ELLIPSIS
+        {
+          "metadata": {
+            "total_size": 3072
+          },
+          "weight_map": {
+            "w0": "model-00001-of-00002.safetensors",
+        ...
+    """
+    if len(files) == 1:
+        return None
+    weight_map = {}
+    for layout in files:
+        weight_map.update({spec.name: layout.name for spec in specs if spec.name in layout.offsets})
+    index = {
+        "metadata": {"total_size": sum(spec.nbytes for spec in specs), **(metadata or {})},
+        "weight_map": weight_map,
+    }
+    return json.dumps(index, indent=2)
 
 
 def save_file(
