@@ -5,6 +5,13 @@ arrays to durable files; restore: into abstract targets (`jax.ShapeDtypeStruct`s
 Peak RSS during save is reported over the baseline (the tree already in memory), as a multiple of the
 largest tensor.
 
+Training checkpoints (``*-manager``): `jw.CheckpointManager` against Orbax's ``ocp.CheckpointManager``, both
+asynchronous, in a training loop of `LOOP_STEPS` saves, each followed by a jitted update that donates the
+state's buffers. Blocked: how long ``save`` holds the loop; durable: from ``save`` until
+``wait_until_finished`` returns (waited at once, so the write runs alone); the first save (with its
+one-time setup) and the later ones are reported apart. Restore: the latest step into abstract targets, in
+a fresh process.
+
     python benchmarks/bench_checkpoint.py [--runs 5]
 """
 
@@ -30,6 +37,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np, jax.numpy as jnp, optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 method, phase, folder, kind = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+LOOP_STEPS = 3
 mesh = Mesh(np.array(jax.devices()), ("x",))
 D, F, L = 1024, 4096, 8
 
@@ -63,7 +71,49 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
-if phase == "save":
+if phase == "loop":
+    state = jax.jit(make_state, out_shardings=shardings)()
+    arrays = {"params": state["params"], "opt_state": state["opt_state"]}
+    update = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
+    if method == "jaxweights":
+        import jaxweights as jw
+        manager = jw.CheckpointManager(folder, max_to_keep=2)
+        save = lambda step, tree: manager.save(step, tree)
+    else:
+        import orbax.checkpoint as ocp
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=True)
+        manager = ocp.CheckpointManager(folder, options=options)
+        save = lambda step, tree: manager.save(step, args=ocp.args.StandardSave(tree))
+    blocked, durable = [], []
+    for step in range(1, LOOP_STEPS + 1):
+        jax.block_until_ready(arrays)
+        start = time.perf_counter()
+        save(step, {**arrays, "step": 1000})
+        blocked.append((time.perf_counter() - start) * 1e3)
+        manager.wait_until_finished()
+        durable.append((time.perf_counter() - start) * 1e3)
+        arrays = update(arrays)  # reuses (donates) the buffers just saved
+    jax.block_until_ready(arrays)
+    manager.close()
+    print(json.dumps({"blocked_first": blocked[0], "durable_first": durable[0],
+                      "blocked": sum(blocked[1:]) / (LOOP_STEPS - 1), "durable": sum(durable[1:]) / (LOOP_STEPS - 1)}))
+elif phase == "latest":
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
+    target["step"] = 0
+    start = time.perf_counter()
+    if method == "jaxweights":
+        import jaxweights as jw
+        restored = jw.CheckpointManager(folder).restore(target)
+    else:
+        import orbax.checkpoint as ocp
+        target["step"] = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+        manager = ocp.CheckpointManager(folder)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(target))
+    jax.block_until_ready(restored)
+    ms = (time.perf_counter() - start) * 1e3
+    assert int(restored["step"]) == 1000
+    print(json.dumps({"ms": ms}))
+elif phase == "save":
     state = jax.jit(make_state, out_shardings=shardings)()
     state["step"] = 1000
     jax.block_until_ready(state)
@@ -124,8 +174,14 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
     shuffler, started = random.Random(0), time.time()
     for round_ in range(args.runs):
-        for method in shuffler.sample(["jaxweights", "orbax"], 2):
+        for method in shuffler.sample(["jaxweights", "orbax", "jaxweights-manager", "orbax-manager"], 4):
             folder = (args.data / method).resolve()
+            if method.endswith("manager"):
+                shutil.rmtree(folder, ignore_errors=True)  # a fresh run of training steps
+                name = method.removesuffix("-manager")
+                results.setdefault((method, "loop"), []).append(run(name, "loop", folder, args.state))
+                results.setdefault((method, "latest"), []).append(run(name, "latest", folder, args.state))
+                continue
             if method == "orbax":
                 shutil.rmtree(folder, ignore_errors=True)  # Orbax refuses to overwrite
             results.setdefault((method, "save"), []).append(run(method, "save", folder, args.state))
@@ -150,6 +206,25 @@ def main() -> None:
     print(
         f"jaxweights vs orbax: save {med('orbax', 'save') / med('jaxweights', 'save'):.1f}x faster, "
         f"restore {med('orbax', 'restore') / med('jaxweights', 'restore'):.1f}x faster"
+    )
+    print("\nTraining checkpoints, async CheckpointManager (ms; first save, then the mean of the later ones)")
+    print(
+        f"{'':20} {'blocked 1st':>11} {'blocked':>8} {'durable 1st':>11} {'durable':>8} {'restore latest':>15}"
+    )
+    for method in ("orbax-manager", "jaxweights-manager"):
+        print(
+            f"{method:20} {med(method, 'loop', 'blocked_first'):11.0f} {med(method, 'loop', 'blocked'):8.0f} "
+            f"{med(method, 'loop', 'durable_first'):11.0f} {med(method, 'loop', 'durable'):8.0f} "
+            f"{med(method, 'latest'):15.0f}"
+        )
+    ours, theirs = "jaxweights-manager", "orbax-manager"
+    print(
+        f"jaxweights vs orbax: blocked {med(ours, 'loop', 'blocked') / med(theirs, 'loop', 'blocked'):.2f}x "
+        f"(first {med(ours, 'loop', 'blocked_first') / med(theirs, 'loop', 'blocked_first'):.2f}x), "
+        f"durable {med(ours, 'loop', 'durable') / med(theirs, 'loop', 'durable'):.2f}x "
+        f"(first {med(ours, 'loop', 'durable_first') / med(theirs, 'loop', 'durable_first'):.2f}x), "
+        f"restore {med(theirs, 'latest') / med(ours, 'latest'):.1f}x faster; blocked vs a synchronous jw.save "
+        f"{med(ours, 'loop', 'blocked') / med('jaxweights', 'save'):.3f}x"
     )
 
 

@@ -17,8 +17,12 @@ from ._keymap import KeyMap as KeyMap
 from ._keymap import TorchKernel as TorchKernel
 from ._keymap import Transpose as Transpose
 from ._keymap import UnpermuteHeads as UnpermuteHeads
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import IncompleteStepWarning as IncompleteStepWarning
+from ._manager import SaveStats as SaveStats
 from ._quantization import BlockParameters as BlockParameters
 from ._quantization import QuantizationEncoding as QuantizationEncoding
+from ._restore import RestoreReport as RestoreReport
 from ._save import save as save
 from ._weights import Weight as Weight
 from ._weights import WeightData as WeightData

@@ -853,11 +853,14 @@ class Weights:
         keymap: KeyMap | None = None,
         strict: bool = True,
         cast: bool = False,
+        ignore_mismatched_sizes: bool = False,
+        report: bool = False,
         device: Placement = DeviceRef.CPU(),  # noqa: B008 - immutable default
         progress: bool | None = None,
         max_inflight_bytes: int = DEFAULT_BUDGET,
     ) -> Any:
-        """Fills a target pytree from the tensors at or under this name; returns a new tree.
+        """Fills a target pytree from the tensors at or under this name; returns a new tree, or
+        ``(tree, RestoreReport)`` with ``report=True``.
 
         The target gives the structure, shapes, dtypes and shardings: a pytree of `jax.Array`s, numpy
         arrays or `jax.ShapeDtypeStruct`s (abstract, e.g. from `jax.eval_shape`, with or without
@@ -869,16 +872,25 @@ class Weights:
 
         Every difference is checked before any tensor is read and reported in one
         `StructureMismatchError`, sorted, with close matches: names the target needs but the checkpoint
-        lacks, tensors the checkpoint has but the target does not (under ``strict``), and shape or dtype
+        lacks, tensors the checkpoint has but the target does not (under ``strict``; with ``strict=False``
+        concrete leaves the checkpoint lacks keep their values), and shape or dtype
         mismatches (``cast=True`` converts dtypes instead). Tensors are then read by the same bulk
         planner as `allocate_all`, each as its target leaf's dtype and sharding.
 
         Args:
             target: the tree to fill.
             keymap: renames and transforms from target names to checkpoint names.
-            strict: report checkpoint tensors the target does not use (and scalar leaves without a saved
-                value) as errors; with ``strict=False`` they are ignored (scalars keep their values).
+            strict: report names the target needs but the checkpoint lacks, and checkpoint tensors the
+                target does not use, as errors; with ``strict=False`` a concrete leaf (array, scalar) the
+                checkpoint lacks keeps its value and unused tensors are ignored, while an abstract leaf
+                (`jax.ShapeDtypeStruct`) with no tensor is still an error. Loading a pretrained encoder
+                under a fresh head is one call.
             cast: convert stored dtypes to the target's instead of reporting them.
+            ignore_mismatched_sizes: keep a concrete leaf's value where the checkpoint's tensor has
+                another shape (otherwise an error, also under ``strict=False``).
+            report: also return a `RestoreReport`: names missing (kept from the target), unused,
+                converted and mismatched. The report is logged to the ``jaxweights`` logger either way
+                (kept leaves at WARNING, unused and converted tensors at INFO).
             device: placement for target leaves that carry no sharding.
             progress: progress bar on stderr (None: on for large loads on a terminal).
             max_inflight_bytes: bytes being read at once.
@@ -900,6 +912,8 @@ class Weights:
             keymap=keymap,
             strict=strict,
             cast=cast,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+            report=report,
             device=device,
             record=self._store.record,
             progress=progress,
