@@ -437,7 +437,7 @@ class Weights:
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         """IPython's terminal display: the collapsed tree (`summary`), not the one-line repr."""
-        printer.text(repr(self) if cycle else self.summary(max_lines=200))
+        printer.text(repr(self) if cycle else str(self.summary(max_lines=200)))
 
     def __iter__(self) -> Iterator[Weights]:
         """The accessors one level down, in natural order (``layers[0]``, ``layers[1]``, ...)."""
@@ -938,12 +938,29 @@ class Weights:
         metadata = self._store.checkpoint.metadata
         return MappingProxyType(metadata) if isinstance(metadata, dict) else metadata
 
-    def summary(self, *, collapse: bool = True, max_lines: int | None = None) -> str:
-        """A text tree of the tensors under this name with dtypes, shapes and sizes.
+    def summary(self, *, collapse: bool = True, max_lines: int | None = None) -> _display.Summary:
+        """The tensors under this name: counts, bytes and a tree of dtypes, shapes and sizes.
 
-        With ``collapse``, numbered siblings with identical contents (repeated layers) print once.
+        Returns a `Summary`: ``print`` it for the text tree, read ``tensors``, ``parameters``, ``nbytes``,
+        ``by_dtype`` and ``by_prefix`` from a program, or show it in a notebook as a foldable tree. With
+        ``collapse``, numbered siblings with identical contents (repeated layers) show once;
+        ``max_lines`` cuts the text tree. Reads only the catalogue, never tensor data.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file(
+            ...     {f"layers.{i}.w": np.ones(3, np.float32) for i in range(4)},
+            ...     f"{tempfile.mkdtemp()}/model.safetensors",
+            ... )
+            >>> summary = jw.load_weights(path).summary()
+            >>> summary.tensors, summary.parameters, summary.nbytes
+            (4, 12, 48)
+            >>> print(summary)
+            model.safetensors: 4 tensors, 12 parameters, 48 B (float32 x4)
+            └── layers  [4 tensors, 48 B]
+                └── 0.w                                              float32[3]  12 B  (x4: 0..3 share this layout)
         """
-        return _display.tree_text(
+        return _display.summarize(
             self._store.checkpoint, self._prefix, collapse=collapse, max_lines=max_lines
         )
 
@@ -955,7 +972,12 @@ class Weights:
         return f"<Weights {self._prefix or '(root)'!r}: {count} tensor{'s' if count != 1 else ''}>"
 
     def _repr_html_(self) -> str:
+        """Notebook display: the foldable tree of `summary` (repeated layers folded, names escaped)."""
         return _display.tree_html(self._store.checkpoint, self._prefix)
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        """treescope's display hook: the same foldable tree (`NotImplemented` without treescope)."""
+        return _display.tree_treescope(self._store.checkpoint, self._prefix, repr(self), path)
 
     def _not_found(self) -> WeightNotFoundError:
         name = self._prefix
