@@ -7,6 +7,8 @@ from . import errors as errors
 from ._dequant import dequantize as dequantize
 from ._devices import DeviceKind as DeviceKind
 from ._devices import DeviceRef as DeviceRef
+from ._display import Summary as Summary
+from ._display import Totals as Totals
 from ._dtypes import DType as DType
 from ._graph import Graph as Graph
 from ._graph import GraphConstantWarning as GraphConstantWarning
@@ -24,6 +26,7 @@ from ._quantization import BlockParameters as BlockParameters
 from ._quantization import QuantizationEncoding as QuantizationEncoding
 from ._restore import RestoreReport as RestoreReport
 from ._save import save as save
+from ._stream import stream_layers as stream_layers
 from ._weights import Weight as Weight
 from ._weights import WeightData as WeightData
 from ._weights import Weights as Weights
