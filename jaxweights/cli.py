@@ -31,6 +31,7 @@ import numpy as np
 from . import __version__
 from ._display import format_bytes
 from ._dtypes import DType
+from ._progress import Progress
 from ._quantization import QuantizationEncoding
 from ._staging import write_atomically
 from ._weights import load_weights
@@ -153,16 +154,21 @@ def _diff(first: str, second: str, values: bool, as_json: bool) -> int:
     only_b = [n for n in names_b if n not in in_a]
     layout: list[dict[str, Any]] = []
     compared: list[dict[str, Any]] = []
-    for name in names_a:
-        if name not in in_b:
-            continue
-        x, y = a.checkpoint[name], b.checkpoint[name]
-        if (x.dtype, x.shape, x.encoding) != (y.dtype, y.shape, y.encoding):
-            layout.append({"name": name, "a": _layout(x), "b": _layout(y)})
-        elif values:
-            difference = _max_abs_difference(a.checkpoint, x, b.checkpoint, y)
-            if difference != 0:
-                compared.append({"name": name, "max_abs_difference": difference})
+    shared = [name for name in names_a if name in in_b]
+    total = sum(a.checkpoint[name].nbytes for name in shared) if values else 0
+    bar = _progress(total, len(shared), "jaxweights diff")
+    try:
+        for name in shared:
+            x, y = a.checkpoint[name], b.checkpoint[name]
+            if (x.dtype, x.shape, x.encoding) != (y.dtype, y.shape, y.encoding):
+                layout.append({"name": name, "a": _layout(x), "b": _layout(y)})
+            elif values:
+                difference = _max_abs_difference(a.checkpoint, x, b.checkpoint, y)
+                if difference != 0:
+                    compared.append({"name": name, "max_abs_difference": difference})
+            bar.advance(x.nbytes if values else 0)
+    finally:
+        bar.close()
     differs = bool(only_a or only_b or layout or compared)
     if as_json:
         print(
@@ -193,6 +199,11 @@ def _diff(first: str, second: str, values: bool, as_json: bool) -> int:
         checked = "names, dtypes, shapes and values" if values else "names, dtypes and shapes"
         print(f"identical {checked}: {len(names_a)} tensor(s)")
     return 1 if differs else 0
+
+
+def _progress(total_bytes: int, count: int, label: str) -> Progress:
+    """A progress line on stderr for long work (shown when stderr is a terminal and the work is large)."""
+    return Progress(total_bytes, count, label=label)
 
 
 def _layout(info: TensorInfo) -> str:
@@ -282,12 +293,17 @@ def _convert(source: Sequence[str], target: str, dtype: str | None, dequantize: 
             raise QuantizationError(_quantized_refusal(checkpoint, quantized))
         specs = [_output_spec(info, wanted) for info in checkpoint.values()]
         infos = dict(checkpoint.items())
+        bar = _progress(sum(info.nbytes for info in infos.values()), len(infos), "jaxweights convert")
 
         def write(spec: TensorSpec, out: BinaryIO) -> None:
             _write_tensor(checkpoint, infos[spec.name], spec.dtype, out)
+            bar.advance(infos[spec.name].nbytes)
 
         metadata = _string_metadata(checkpoint.metadata) or None
-        out = write_atomically(target, lambda staged: write_file(staged, specs, write, metadata))
+        try:
+            out = write_atomically(target, lambda staged: write_file(staged, specs, write, metadata))
+        finally:
+            bar.close()
     done = f", {len(quantized)} dequantized to {(wanted or DType.float32).name}" if quantized else ""
     print(f"wrote {out} ({len(specs)} tensors{done}, 64-byte aligned)")
 

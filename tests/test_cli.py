@@ -380,3 +380,22 @@ def test_diff_names_layouts_and_values(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["diff", str(nan), str(other), "--values"]) == 1
     assert "x: 1" in capsys.readouterr().out
     assert main(["diff", str(first), str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_long_work_draws_progress_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jaxweights._progress import Progress
+
+    def shown(total: int, count: int, label: str) -> Progress:  # as on a terminal, whatever the size
+        return Progress(total, count, enabled=True, label=label)
+
+    monkeypatch.setattr(jaxweights.cli, "_progress", shown)
+    source = jw.save_file(
+        {f"w{i}": np.full(256, i, np.float32) for i in range(3)}, tmp_path / "a.safetensors"
+    )
+    assert main(["convert", str(source), str(tmp_path / "b.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "jaxweights convert: 100% 3.1 kB / 3.1 kB, 3/3 tensors" in err and err.endswith("\n")
+    assert main(["diff", str(source), str(tmp_path / "b.safetensors"), "--values"]) == 0
+    assert "jaxweights diff: 100%" in capsys.readouterr().err
