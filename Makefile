@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_gguf.py
 	$(PY) benchmarks/bench_dequant.py
 	$(PY) benchmarks/bench_torch.py
+	$(PY) benchmarks/bench_stack.py
 
 clean:
 	rm -rf $(VENV) build site .mypy_cache .ruff_cache

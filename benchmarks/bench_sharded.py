@@ -12,12 +12,9 @@ counters). A last section runs 2 processes x 4 devices with `jax.distributed` on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _worker import run_job  # noqa: E402
 from bench_load import make_checkpoints  # noqa: E402
 
 WORKER = r"""
@@ -85,33 +83,7 @@ if procs > 1:
 
 def run(method: str, path: Path, axis: int, procs: int = 1) -> list[dict[str, float]]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    port = "0"
-    if procs > 1:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = str(probe.getsockname()[1])
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, method, str(path), str(axis), str(procs), str(pid), port],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for pid in range(procs)
-    ]
-    results = []
-    try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=600)
-            if worker.returncode:
-                raise RuntimeError(f"{method} failed:\n{err[-2000:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    return results
+    return run_job(WORKER, [method, str(path), str(axis), str(procs)], procs, env)
 
 
 def main() -> None:

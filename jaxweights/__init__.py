@@ -15,7 +15,9 @@ from ._graph import GraphConstantWarning as GraphConstantWarning
 from ._graph import GraphFunction as GraphFunction
 from ._keymap import GGUF_TO_HF as GGUF_TO_HF
 from ._keymap import TORCH_TO_FLAX as TORCH_TO_FLAX
+from ._keymap import Concat as Concat
 from ._keymap import KeyMap as KeyMap
+from ._keymap import Split as Split
 from ._keymap import TorchKernel as TorchKernel
 from ._keymap import Transpose as Transpose
 from ._keymap import UnpermuteHeads as UnpermuteHeads

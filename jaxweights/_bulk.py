@@ -8,23 +8,29 @@ later bulk reader) decide here what each tensor becomes, with the same checks in
 3. The jobs run under the byte budget (`_loader.load_all`), and the arrays are handed to ``record``
    (the accessor's ``allocated_weights``).
 
-It never parses bytes and never looks at pytrees: callers hand it `TensorInfo`s and placements.
+It never parses bytes and never looks at pytrees: callers hand it `TensorInfo`s and placements, and
+`Composite`s (stacked layers, concatenations, parts of tensors) under their synthetic infos' names.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
-from ._loader import DEFAULT_BUDGET, Job, load_all
+from ._loader import DEFAULT_BUDGET, Job, load_all, planned_bytes
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import canonical_dtype, resolve_dtype
+from ._progress import Progress
 from ._rules import Rules, resolve_shardings
 from .formats import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    from ._compose import Composite
 
 __all__ = ["DTypeRequest", "Record", "dtype_for", "load", "plan_jobs"]
 
@@ -106,20 +112,46 @@ def load(
     record: Record | None = None,
     progress: bool | None = None,
     max_inflight_bytes: int = DEFAULT_BUDGET,
+    composites: Mapping[str, Composite] | None = None,
 ) -> dict[str, jax.Array]:
     """Places ``infos`` (see `plan_jobs` for the placement options); returns ``{full name: array}`` in
-    the order given, after handing it to ``record``.
+    the order given, after handing the checkpoint's own tensors to ``record``.
+
+    An info whose name is a key of ``composites`` is that composite's synthetic info: it is planned like
+    a tensor (rules match its name, the dtype rule applies) and placed by `place_composite`, one after
+    another once the plain tensors are placed, each device reading only its blocks' parts of the sources.
 
     Raises:
         CheckpointError: another process of the job loads a different checkpoint.
         ShardingError, DTypeError: from `plan_jobs`, before any byte is read.
     """
+    composites = composites or {}
     if jax.process_count() > 1:  # the digest walks every tensor: only when there are others to agree with
-        check_same_checkpoint(catalogue_digest(infos))
+        sources = [source for composite in composites.values() for source in composite.sources]
+        check_same_checkpoint(catalogue_digest([i for i in infos if i.name not in composites] + sources))
     jobs = plan_jobs(
         infos, mesh=mesh, rules=rules, device=device, dtype=dtype, strict=strict, first_match=first_match
     )
-    arrays = load_all(checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=progress)
-    if record is not None:
-        record(arrays)
-    return arrays
+    if not composites:
+        arrays = load_all(checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=progress)
+        if record is not None:
+            record(arrays)
+        return arrays
+    from ._compose import place_composite
+
+    plain = [job for job in jobs if job.info.name not in composites]
+    stacked = [job for job in jobs if job.info.name in composites]
+    bar = Progress(sum(job.nbytes for job in jobs), len(jobs), enabled=progress)
+    try:
+        placed = load_all(checkpoint, plain, max_inflight_bytes=max_inflight_bytes, progress=bar)
+        if record is not None:
+            record(placed)
+        for job in stacked:
+            array = place_composite(
+                checkpoint, composites[job.info.name], job.dtype, job.sharding, checked=True
+            )
+            placed[job.info.name] = array.block_until_ready()
+            bar.advance(planned_bytes(job.info, job.sharding))
+    finally:
+        bar.close()
+    return {job.info.name: placed[job.info.name] for job in jobs}

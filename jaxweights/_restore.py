@@ -1,7 +1,8 @@
 """Restore a checkpoint into a target pytree: plain pytrees of arrays or `ShapeDtypeStruct`s, Flax NNX
 states and modules, Equinox modules, optax states.
 
-Four steps: match (pair every target leaf with a checkpoint tensor or saved scalar, reading nothing),
+Four steps: match (pair every target leaf with a checkpoint tensor, a composite of tensors (layers
+stacked for a scanned model, a `Concat`, a `Split` part) or a saved scalar, reading nothing),
 check (every missing and unexpected name, with close matches, every shape and dtype mismatch, every
 non-array leaf with no saved value, in one error), load (through the bulk planner of `_bulk`, like
 ``allocate_all``), report (a `RestoreReport` of what was kept, left unused and converted, logged to the
@@ -14,7 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,14 +25,15 @@ from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from ._bulk import Record
 from ._bulk import load as bulk_load
+from ._compose import Composite, concat, stack, window
 from ._devices import Placement, to_sharding
 from ._dtypes import DType
-from ._keymap import KeyMap, Transform, Transpose, bind_transform, transformed_shape
+from ._keymap import Concat, KeyMap, Source, Transform, Transpose, bind_transform, transformed_shape
 from ._loader import DEFAULT_BUDGET
 from ._names import is_under
 from ._placement import canonical_dtype
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, Leaf, flatten_target, is_array_like, split_module
-from .errors import StructureMismatchError, WeightsError
+from .errors import ArgumentError, StructureMismatchError, WeightsError
 from .formats import Checkpoint, TensorInfo
 
 __all__ = ["RestoreReport", "restore"]
@@ -79,6 +81,7 @@ class _Tensor:
     dtype: DType
     transform: Transform | None
     conversion: str | None  # what the report says was applied, if anything
+    composite: Composite | None = None  # the tensors info stands for, when it is not one of the checkpoint's
 
     @property
     def load_sharding(self) -> Sharding:
@@ -156,6 +159,7 @@ def restore(
     cast: bool = False,
     ignore_mismatched_sizes: bool = False,
     report: bool = False,
+    stack: Sequence[str] = (),
     device: Placement,
     record: Record | None = None,
     progress: bool | None = None,
@@ -175,6 +179,7 @@ def restore(
         cast=cast,
         ignore_mismatched_sizes=ignore_mismatched_sizes,
         device=device,
+        stacks=_stack_prefixes(stack, leaves),
     )
     _check(checkpoint, match, strict=strict)
     values = dict(match.values)
@@ -209,8 +214,9 @@ def _match(
     cast: bool,
     device: Placement,
     ignore_mismatched_sizes: bool = False,
+    stacks: Sequence[str] = (),
 ) -> _Match:
-    """Pairs every target leaf with its checkpoint tensor (or saved scalar); reads nothing."""
+    """Pairs every target leaf with its checkpoint tensor, composite or saved scalar; reads nothing."""
     default = to_sharding(device)
     saved = _saved_leaves(checkpoint)
     lead = f"{prefix}." if prefix else ""
@@ -219,25 +225,44 @@ def _match(
     for position, leaf in enumerate(leaves):
         value = leaf.value
         if is_array_like(value):
-            name = lead + keymap.checkpoint_name(leaf.name)
-            info = checkpoint.get(name)
-            if info is None and leaf.name in saved and np.shape(value) == ():
+            layered = _layered(leaf.name, stacks)
+            if layered is None:
+                found = _source(checkpoint, lead, leaf.name, keymap)
+            else:
+                found = _stacked_source(checkpoint, lead, leaf, layered, keymap)
+            claimed.update(found.names)
+            if found.problem is not None:  # parts that cannot be joined, layers that do not add up
+                match.mismatched.append(f"{leaf.name}: {found.problem}")
+                continue
+            if found.info is None and layered is None and leaf.name in saved and np.shape(value) == ():
                 # a scalar saved as metadata, asked for as a 0-d array (jax.eval_shape makes those)
                 host = np.asarray(saved[leaf.name], dtype=np.dtype(value.dtype))
                 match.values[position] = jax.device_put(host, _target_sharding(value, default))
                 continue
-            if info is None and not strict and _is_concrete(value):
+            if found.info is None and not strict and _is_concrete(value):
                 match.kept.append(leaf.name)
                 continue
-            if info is None:
+            if found.info is None:
+                name = found.missing
                 shown = leaf.name if name == leaf.name else f"{leaf.name} (looked for {name!r})"
                 if not strict:
                     shown += " (abstract: no value of its own to keep)"
                     match.abstract_unfilled = True
                 match.missing.append((shown, name))
                 continue
-            claimed.add(name)
-            paired = _pair(position, leaf, info, keymap, checkpoint.metadata, cast=cast, default=default)
+            name_for_transform = leaf.name if layered is None else _layer_name(layered, 0)
+            paired = _pair(
+                position,
+                leaf,
+                found.info,
+                keymap.transform_for(name_for_transform),
+                checkpoint.metadata,
+                cast=cast,
+                default=default,
+                layers=None if layered is None else np.shape(value)[0],
+                note=found.note,
+                composite=found.composite,
+            )
             if isinstance(paired, _Tensor):
                 match.tensors.append(paired)
             elif paired.sizes and ignore_mismatched_sizes and _is_concrete(value):
@@ -268,16 +293,20 @@ def _pair(
     position: int,
     leaf: Leaf,
     info: TensorInfo,
-    keymap: KeyMap,
+    transform: Transform | None,
     metadata: Mapping[str, Any],
     *,
     cast: bool,
     default: Sharding,
+    layers: int | None = None,
+    note: str | None = None,
+    composite: Composite | None = None,
 ) -> _Tensor | _Problem:
-    """A leaf and its tensor: how to load it, or why it cannot be.
+    """A leaf and its tensor (or composite): how to load it, or why it cannot be.
 
     A quantized tensor is matched by its logical shape and counts as the target's float dtype: placing it
-    with that dtype dequantizes it."""
+    with that dtype dequantizes it. ``transform`` is the keymap's for the leaf (for a stacked leaf, the
+    first layer's name's, applied to every layer); ``note`` says how a composite was formed."""
     want_shape, want_dtype = tuple(np.shape(leaf.value)), DType.from_any(np.dtype(leaf.value.dtype))
     if info.encoding is not None and not want_dtype.is_float():
         return _Problem(
@@ -285,10 +314,10 @@ def _pair(
             f"{info.encoding.name}-quantized and dequantizes to floats only (use a float target)"
         )
     stored = want_dtype.to_numpy() if info.encoding is not None else info.dtype.to_numpy()
-    transform = keymap.transform_for(leaf.name)
     try:
         if transform is not None:
             transform = bind_transform(transform, metadata)
+            transform = _per_layer(transform, len(info.shape)) if layers is not None else transform
         shape, dtype = transformed_shape(transform, info.shape, stored) if transform else (info.shape, stored)
     except WeightsError as error:  # a transform that cannot apply to this tensor
         return _Problem(f"{leaf.name}: {error}")
@@ -303,7 +332,8 @@ def _pair(
             f"{leaf.name}: target dtype {want_dtype.name}, checkpoint {info.name!r} has "
             f"{canonical_dtype(found).name} (pass cast=True to convert)"
         )
-    applied = [f"dequantized from {info.encoding.name}"] if info.encoding is not None else []
+    applied = [note] if note is not None else []
+    applied += [f"dequantized from {info.encoding.name}"] if info.encoding is not None else []
     applied += [f"transformed by {_describe(transform)}"] if transform is not None else []
     applied += [f"{found.name} -> {want_dtype.name}"] if found is not want_dtype else []
     return _Tensor(
@@ -314,6 +344,7 @@ def _pair(
         want_dtype,
         transform,
         ", ".join(applied) or None,
+        composite,
     )
 
 
@@ -368,6 +399,7 @@ def _load(
         record=record,
         progress=progress,
         max_inflight_bytes=max_inflight_bytes,
+        composites={t.info.name: t.composite for t in tensors if t.composite is not None},
     )
     values: dict[int, Any] = {}
     for tensor in tensors:
@@ -414,3 +446,168 @@ def _replicated_over(sharding: Sharding) -> Sharding:
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, PartitionSpec())
     return sharding
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What a target leaf reads: a tensor or composite (``info``), every checkpoint name involved, or the
+    first name missing and why."""
+
+    info: TensorInfo | None
+    names: tuple[str, ...] = ()
+    composite: Composite | None = None
+    note: str | None = None  # how a composite was formed, for the report
+    missing: str = ""
+    problem: str | None = None  # why the tensors found cannot fill the leaf
+
+
+def _source(checkpoint: Checkpoint, lead: str, name: str, keymap: KeyMap) -> _Found:
+    """The tensor a target name reads, or the composite a `Concat` / `Split` of the keymap makes (with
+    the reason when the parts cannot be joined or a `Split` does not divide its tensor)."""
+    names = [lead + found for found in keymap.sources(name)]
+    infos = [checkpoint.get(found) for found in names]
+    present = tuple(found for found, info in zip(names, infos, strict=True) if info is not None)
+    absent = [found for found, info in zip(names, infos, strict=True) if info is None]
+    if absent:
+        return _Found(None, present, missing=absent[0])
+    parts = [info for info in infos if info is not None]
+    chosen = keymap.source_for(name)
+    if chosen is None:
+        return _Found(parts[0], present)
+    try:
+        return _composed(names, parts, chosen[1], present)
+    except WeightsError as error:
+        return _Found(None, present, problem=str(error))
+
+
+def _composed(names: list[str], parts: list[TensorInfo], source: Source, present: tuple[str, ...]) -> _Found:
+    if isinstance(source, Concat):
+        joined = concat(" + ".join(names), parts, source.axis)
+        what = f"concatenated from {len(parts)} tensors along axis {source.axis}"
+        return _Found(joined.info, present, joined, what)
+    (whole,) = parts
+    axis = source.axis + len(whole.shape) if source.axis < 0 else source.axis
+    if not 0 <= axis < len(whole.shape):
+        raise ArgumentError(
+            f"Split axis {source.axis} does not exist in {whole.name!r} of shape {whole.shape} ({whole.file})."
+        )
+    start, stop = source.bounds(whole.shape[axis])
+    part = window(f"{whole.name}[{start}:{stop} along axis {axis}]", whole, axis, start, stop)
+    return _Found(part.info, present, part, f"part {source.index} of {whole.name!r}")
+
+
+def _stack_prefixes(stack: Sequence[str], leaves: list[Leaf]) -> tuple[str, ...]:
+    """The ``stack=`` prefixes, checked: strings, each the prefix of at least one target leaf."""
+    if isinstance(stack, str):
+        stack = (stack,)
+    prefixes = tuple(stack)
+    names = [leaf.name for leaf in leaves]
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not prefix:
+            raise ArgumentError(f"stack= takes target name prefixes such as 'model.layers', not {prefix!r}.")
+        if not any(is_under(name, prefix) and name != prefix for name in names):
+            close = difflib.get_close_matches(prefix, names, n=3, cutoff=0.5)
+            hint = f" Closest target leaves: {', '.join(repr(c) for c in close)}." if close else ""
+            raise ArgumentError(
+                f"stack={prefix!r} matches no leaf of the target: it names the subtree whose leaves carry "
+                f"a leading layer axis (the leaves are '{prefix}.<name>').{hint}"
+            )
+    return prefixes
+
+
+def _layered(name: str, stacks: Sequence[str]) -> tuple[str, str] | None:
+    """``(prefix, rest)`` when a target leaf lies under a stack prefix."""
+    for prefix in stacks:
+        if is_under(name, prefix) and name != prefix:
+            return prefix, name[len(prefix) + 1 :]
+    return None
+
+
+def _layer_name(layered: tuple[str, str], index: int) -> str:
+    prefix, rest = layered
+    return f"{prefix}.{index}.{rest}"
+
+
+def _stacked_source(
+    checkpoint: Checkpoint, lead: str, leaf: Leaf, layered: tuple[str, str], keymap: KeyMap
+) -> _Found:
+    """The layers ``prefix.0.rest`` ... ``prefix.{L-1}.rest`` of a stacked target leaf, stacked, where L is
+    the target's leading axis. No layer at all is a missing name; a layer missing after others, a gap,
+    more layers in the checkpoint than the target holds, and layers whose shapes or dtypes differ are
+    problems naming the tensors and counts involved."""
+    shape = np.shape(leaf.value)
+    if not shape:
+        problem = (
+            f"it lies under stack prefix {layered[0]!r} but has no leading layer axis (shape ()); stacked "
+            f"leaves have shape (layers, ...)"
+        )
+        return _Found(None, problem=problem)
+    count = shape[0]
+    names: list[str] = []
+    items: list[TensorInfo | Composite] = []
+    for index in range(count):
+        found = _source(checkpoint, lead, _layer_name(layered, index), keymap)
+        names += found.names
+        if found.problem is not None:
+            return _Found(None, tuple(names), problem=found.problem)
+        if found.info is None and not index:
+            return _Found(None, tuple(names), missing=found.missing)
+        if found.info is None:
+            later = _source(checkpoint, lead, _layer_name(layered, index + 1), keymap)
+            if later.info is not None:
+                why = f"layer {index} is missing while layer {index + 1} exists: a gap in the numbering"
+            else:
+                why = f"the target's leading axis holds {count} layers, the checkpoint {index}"
+            return _Found(None, tuple(names), problem=f"{why} ({found.missing!r} is missing)")
+        items.append(found.composite if found.composite is not None else found.info)
+    extra = _source(checkpoint, lead, _layer_name(layered, count), keymap)
+    if extra.info is not None:
+        total = count + 1
+        while total < count + 100_000 and _source(checkpoint, lead, _layer_name(layered, total), keymap).info:
+            total += 1
+        problem = (
+            f"the target's leading axis holds {count} layers, but the checkpoint holds {total} layers of it "
+            f"({', '.join(repr(n) for n in extra.names)} exists); give the target {total} layers"
+        )
+        return _Found(None, tuple(names), problem=problem)
+    first = items[0].info.name if isinstance(items[0], Composite) else items[0].name
+    last = items[-1].info.name if isinstance(items[-1], Composite) else items[-1].name
+    try:
+        stacked = stack(_stacked_name(first, last, count), items)
+    except WeightsError as error:  # layers of different shapes or dtypes
+        return _Found(None, tuple(names), problem=str(error))
+    return _Found(stacked.info, tuple(names), stacked, f"stacked from {count} layers")
+
+
+def _stacked_name(first: str, last: str, count: int) -> str:
+    """``model.layers.{0..5}.mlp.weight`` from the first and last layer's names."""
+    if count == 1:
+        return f"{first} (stacked)"
+    head, tail = first.split("."), last.split(".")
+    if len(head) == len(tail):
+        differ = [k for k, (a, b) in enumerate(zip(head, tail, strict=True)) if a != b]
+        if len(differ) == 1:
+            head[differ[0]] = f"{{{head[differ[0]]}..{tail[differ[0]]}}}"
+            return ".".join(head)
+    return f"{first} .. {last}"
+
+
+@dataclass(frozen=True)
+class _PerLayer:
+    """A keymap function applied to each layer of a stacked tensor (vmapped over the layer axis)."""
+
+    inner: Transform
+
+    def __call__(self, value: Any) -> Any:
+        return jax.vmap(self.inner)(value)
+
+    def __repr__(self) -> str:
+        return f"{_describe(self.inner)} per layer"
+
+
+def _per_layer(transform: Transform, ndim: int) -> Transform:
+    """``transform`` of one layer made a transform of the stacked tensor: a `Transpose` keeps the layer
+    axis first (so sharded reads stay per-block); any other function is vmapped."""
+    if isinstance(transform, Transpose):
+        return Transpose((0, *(axis + 1 for axis in transform.permutation(ndim - 1))))
+    return _PerLayer(transform)

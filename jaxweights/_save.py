@@ -26,12 +26,13 @@ renames a file itself.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -40,14 +41,15 @@ import jax
 import numpy as np
 
 from ._compat import kv_client
-from ._plan import BlockRead, plan_reads
+from ._names import is_under, natural_sorted
+from ._plan import BlockRead, ReadPlan, block_key, plan_reads
 from ._pytree import LEAVES_KEY, SCALAR_TYPES, flatten_target, is_array_like, split_module
 from ._staging import publish_folder, staging, write_atomically, write_error
 from .errors import ArgumentError, CheckpointWriteError, StructureMismatchError
 from .formats import FormatWriter, TensorInfo, TensorSpec, WeightsFormat, plugin_for, spec_of
 from .formats.safetensors import INDEX_NAME, FileLayout, index_text, plan_files
 
-__all__ = ["SaveStats", "last_save_stats", "parse_size", "previous_weight_files", "save"]
+__all__ = ["SaveStats", "last_save_stats", "parse_size", "previous_weight_files", "save", "unstack_leaves"]
 
 
 def parse_size(size: int | str) -> int:
@@ -82,36 +84,149 @@ def parse_size(size: int | str) -> int:
     return int(value * units[unit])
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """Layer ``index`` of a stacked array (one step of its leading axis), saved as a tensor of its own.
+
+    Nothing is sliced on a device: the writers take the layer's rows from the host data of the stacked
+    array or of its shards (`_host_layer`, `_layer_indices`). Only the gathering fallbacks (`_gathered`: a
+    job without a key-value store, float4 spread over processes) slice one layer on the devices, so that
+    one layer is gathered, not the whole stack once per layer.
+    """
+
+    stacked: Any
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(size) for size in self.stacked.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.stacked.dtype
+
+
+def _source(value: Any) -> tuple[Any, int | None]:
+    """``(array, layer)``: the array whose data a written tensor comes from, and its layer (or None)."""
+    return (value.stacked, value.index) if isinstance(value, _Layer) else (value, None)
+
+
+def _is_spread(value: Any) -> bool:
+    """True when a tensor's array spans several processes (this one holds only some of its shards)."""
+    array, _ = _source(value)
+    return isinstance(array, jax.Array) and not array.is_fully_addressable
+
+
+def _gathered(value: Any) -> Any:
+    """A spread tensor gathered whole into every process (a collective: every process calls it in step).
+    A layer is sliced on the devices first (one layer's device memory, briefly), so that one layer is
+    gathered, not the stack."""
+    from jax.experimental import multihost_utils
+
+    array, layer = _source(value)
+    return multihost_utils.process_allgather(array if layer is None else array[layer], tiled=True)
+
+
+def _host_layer(layer: _Layer) -> np.ndarray:
+    """A layer of an array one device holds whole (or a host array): a view of its host data."""
+    return cast(np.ndarray, np.asarray(layer.stacked)[layer.index])
+
+
+def _layer_indices(
+    indices: Mapping[Hashable, tuple[slice, ...] | None], shape: tuple[int, ...], layer: int
+) -> dict[Hashable, tuple[tuple[slice, ...], int]]:
+    """The devices whose block of a stacked array of ``shape`` holds row ``layer``: device -> (the index
+    of that row's part within the layer, the row's position in the device's block).
+
+    Example:
+        >>> rows = {"d0": (slice(0, 2),), "d1": (slice(2, 4),)}
+        >>> _layer_indices(rows, (4, 3), 2)
+        {'d1': ((), 0)}
+        >>> _layer_indices({"d0": (slice(None), slice(0, 2)), "d1": (slice(None), slice(2, 3))}, (4, 3), 1)
+        {'d0': ((slice(0, 2, None),), 1), 'd1': ((slice(2, 3, None),), 1)}
+    """
+    held: dict[Hashable, tuple[tuple[slice, ...], int]] = {}
+    for device, index in indices.items():
+        (start, stop), *_ = block_key(index, shape)
+        if start <= layer < stop:
+            held[device] = (tuple((index or ())[1:]), layer - start)
+    return held
+
+
+def _plan_blocks(
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    indices: Mapping[Hashable, tuple[slice, ...] | None],
+    layer: int | None,
+) -> tuple[ReadPlan, dict[Hashable, int | None]]:
+    """The blocks of a tensor written from the shards of an array of ``shape`` (device -> ``indices``), and
+    the row of each device's shard that holds them: the whole array's blocks, or those of one layer."""
+    info = TensorInfo("", spec.dtype, spec.shape, Path(), 0, spec.nbytes)
+    if layer is None:
+        return plan_reads(info, indices), dict.fromkeys(indices)
+    held = _layer_indices(indices, shape, layer)
+    plan = plan_reads(info, {device: index for device, (index, _) in held.items()})
+    return plan, {device: row for device, (_, row) in held.items()}
+
+
+def _block_bytes(data: Any, row: int | None) -> np.ndarray:
+    """A shard's host bytes (of one of its rows when ``row`` is set), C-contiguous, as flat uint8."""
+    host = np.asarray(data)
+    if row is not None:
+        host = host[row]
+    return np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+
+
 def _write_value(writer: FormatWriter, out: BinaryIO, value: Any) -> None:
-    """Writes one leaf; a sharded array is written block by block (one host copy of a shard at a time)."""
-    if isinstance(value, jax.Array):
-        if not value.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            value = multihost_utils.process_allgather(value, tiled=True)
-        elif len(value.sharding.device_set) > 1 and _write_blocks(writer, out, value):
+    """Writes one tensor; a sharded array (or a layer of one) is written block by block (one host copy of
+    a shard at a time)."""
+    array, layer = _source(value)
+    if isinstance(array, jax.Array):
+        if not array.is_fully_addressable:
+            value = _gathered(value)
+        elif len(array.sharding.device_set) > 1 and layer is None:
+            if _write_blocks(writer, out, array):
+                return
+        elif len(array.sharding.device_set) > 1 and layer is not None:
+            if not _write_blocks(writer, out, array, layer):  # strided: one layer assembled on the host
+                writer.write_array(out, _assemble_layer(array, layer))
             return
-    writer.write_array(out, value)
+    writer.write_array(out, _host_layer(value) if isinstance(value, _Layer) else value)
 
 
-def _write_blocks(writer: FormatWriter, out: BinaryIO, array: jax.Array) -> bool:
-    """Writes each distinct block of a sharded array at its offsets with ``pwrite``; False when the blocks
-    are strided (column shards), which are better gathered whole."""
-    spec = spec_of("", array)
+def _write_blocks(writer: FormatWriter, out: BinaryIO, array: jax.Array, layer: int | None = None) -> bool:
+    """Writes each distinct block of a sharded array (or of its layer ``layer``) at its offsets with
+    ``pwrite``; False when the blocks are strided (column shards), which are better gathered whole."""
+    spec = spec_of("", array if layer is None else _Layer(array, layer))
     if spec.dtype.is_packed:
         return False
-    info = TensorInfo("", spec.dtype, spec.shape, Path(), 0, spec.nbytes)
     shards = {shard.device: shard for shard in array.addressable_shards}
-    plan = plan_reads(info, {device: shard.index for device, shard in shards.items()})
+    plan, rows = _plan_blocks(
+        spec, tuple(array.shape), {device: shard.index for device, shard in shards.items()}, layer
+    )
     if any(block.num_runs > 1 for block in plan.blocks):
         return False
     base = out.tell()
     out.flush()
     for block in plan.blocks:
-        data = np.ascontiguousarray(np.asarray(shards[block.devices[0]].data)).reshape(-1).view(np.uint8)
-        writer.write_at(out, data, base + block.offset)
+        device = block.devices[0]
+        writer.write_at(
+            out, _block_bytes(shards[cast(jax.Device, device)].data, rows[device]), base + block.offset
+        )
     out.seek(base + spec.nbytes)
     return True
+
+
+def _assemble_layer(array: jax.Array, layer: int) -> np.ndarray:
+    """One layer of a sharded array, copied from its shards' rows into a host buffer."""
+    shards = {shard.device: shard for shard in array.addressable_shards}
+    held = _layer_indices(
+        {device: shard.index for device, shard in shards.items()}, tuple(array.shape), layer
+    )
+    host = np.empty(tuple(array.shape[1:]), array.dtype)
+    for device, (index, row) in held.items():
+        host[index] = np.asarray(shards[cast(jax.Device, device)].data)[row]
+    return host
 
 
 def savable_leaves(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -146,12 +261,115 @@ def savable_leaves(tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, scalars
 
 
+def unstack_leaves(
+    arrays: Mapping[str, Any], scalars: Mapping[str, Any], prefixes: str | Sequence[str]
+) -> dict[str, Any]:
+    """``arrays`` with every leaf under one of ``prefixes`` split along its leading (layer) axis: the leaf
+    ``prefix.rest`` of shape ``(L, *s)`` becomes ``L`` tensors ``prefix.0.rest`` ... ``prefix.{L-1}.rest`` of
+    shape ``s``, in natural order where the first leaf under the prefix was. Pure: the layers are lazy
+    views (nothing is sliced or copied here).
+
+    Raises:
+        ArgumentError: ``prefixes`` holds an empty, repeated or nested prefix.
+        StructureMismatchError: a prefix matches no array (the closest names are listed); a leaf under a
+            prefix is a scalar or a 0-d array, or its leading size differs from the others'; a written name
+            is also the name of another leaf. Every problem is listed at once.
+
+    Example:
+        >>> import numpy as np
+        >>> arrays = {"embed": np.zeros(3), "layers.w": np.zeros((2, 4)), "layers.b": np.zeros((2,))}
+        >>> [(name, value.shape) for name, value in unstack_leaves(arrays, {}, ["layers"]).items()]
+        [('embed', (3,)), ('layers.0.b', ()), ('layers.0.w', (4,)), ('layers.1.b', ()), ('layers.1.w', (4,))]
+    """
+    chosen = [prefixes] if isinstance(prefixes, str) else list(prefixes)  # one prefix, as restore's stack=
+    for prefix in chosen:
+        if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
+            raise ArgumentError(
+                f"unstack prefix {prefix!r} is not a dotted leaf-name prefix such as 'model.layers'."
+            )
+        clash = [other for other in chosen if is_under(other, prefix)]
+        if clash or chosen.count(prefix) > 1:
+            raise ArgumentError(
+                f"unstack prefix {prefix!r} is given twice or contains {clash}: name each stack once."
+            )
+    if not chosen:
+        return dict(arrays)
+    problems: list[str] = []
+    groups: dict[str, tuple[str, int, list[str]]] = {}  # first member -> (prefix, L, members)
+    for prefix in chosen:
+        members = natural_sorted(name for name in arrays if name == prefix or is_under(name, prefix))
+        problems += [
+            f"{name}: a scalar ({type(scalars[name]).__name__}) under unstack prefix {prefix!r} has no layer axis"
+            for name in natural_sorted(name for name in scalars if name == prefix or is_under(name, prefix))
+        ]
+        if not members:
+            known = {
+                ".".join(name.split(".")[:end])
+                for name in [*arrays, *scalars]
+                for end in range(1, name.count(".") + 2)
+            }
+            close = difflib.get_close_matches(prefix, sorted(known), n=5, cutoff=0.5)
+            problems.append(
+                f"unstack prefix {prefix!r} matches no array leaf; "
+                + (f"closest names: {', '.join(close)}" if close else "no name is close")
+            )
+            continue
+        shapes = {name: spec_of(name, arrays[name]).shape for name in members}
+        flat = [name for name in members if not shapes[name]]
+        problems += [
+            f"{name}: a 0-d array under unstack prefix {prefix!r} has no layer axis" for name in flat
+        ]
+        stacked = [name for name in members if shapes[name]]
+        if stacked:
+            size = shapes[stacked[0]][0]
+            problems += [
+                f"{name}: shape {shapes[name]} has leading size {shapes[name][0]}, but {stacked[0]} under "
+                f"unstack prefix {prefix!r} has {size}: expected L = {size}"
+                for name in stacked
+                if shapes[name][0] != size
+            ]
+            groups[members[0]] = (prefix, size, members)
+    originals = {*arrays, *scalars}
+    result: dict[str, Any] = {}
+    written_from: dict[str, str] = {}
+    replaced = {name for _, _, members in groups.values() for name in members}
+    for name, value in arrays.items():
+        if name not in replaced:
+            result[name] = value
+            continue
+        if name not in groups:
+            continue
+        prefix, size, members = groups[name]
+        for index in range(size):
+            for member in members:
+                rest = member[len(prefix) + 1 :]
+                written = f"{prefix}.{index}" + (f".{rest}" if rest else "")
+                if written in originals:
+                    problems.append(
+                        f"{member}: its layer {index} would be written as {written}, which is also a leaf"
+                    )
+                elif written in written_from:
+                    problems.append(
+                        f"{member} and {written_from[written]} would both be written as {written}"
+                    )
+                written_from[written] = member
+                result[written] = _Layer(arrays[member], index)
+    if problems:
+        raise StructureMismatchError(
+            "Cannot unstack these leaves:\n"
+            + "".join(f"  {line}\n" for line in problems)
+            + "Fix: every leaf under an unstack prefix must be an array whose leading axis counts the layers."
+        )
+    return result
+
+
 def save(
     tree: Any,
     path: str | os.PathLike[str],
     *,
     max_shard_size: int | str = "5GB",
     metadata: Mapping[str, str] | None = None,
+    unstack: str | Sequence[str] = (),
 ) -> Path:
     """Saves a pytree's arrays as safetensors, atomically.
 
@@ -165,6 +383,12 @@ def save(
             exceed ``max_shard_size``; or a ``*.safetensors`` file path for a single file.
         max_shard_size: bytes per shard file, or a string such as ``"2GB"``.
         metadata: extra ``__metadata__`` strings.
+        unstack: dotted prefixes of leaf names (matched on whole segments) whose leaves are stacked along a
+            leading layer axis, as under ``jax.lax.scan``, ``nnx.scan`` or ``eqx.filter_vmap``: the leaf
+            ``model.layers.mlp.kernel`` of shape ``(L, *s)`` is written as ``L`` tensors
+            ``model.layers.0.mlp.kernel`` ... of shape ``s``, so that the file loads in ``transformers`` and
+            ``safetensors`` as an ordinary checkpoint. Each layer is written from the host data of the stack
+            (or of its shards; each process writes the layers its shards hold), never sliced on a device.
 
     Returns:
         The folder or file written.
@@ -184,7 +408,10 @@ def save(
         CheckpointWriteError: the folder is read-only, the disk is full, ``path`` is a file where a
             folder is expected (or a folder where a file is): it names the step that failed and a fix;
             the previous checkpoint is left whole and no temporary entry remains.
-        StructureMismatchError: a leaf is abstract (a `ShapeDtypeStruct`) or of a type that cannot be stored.
+        StructureMismatchError: a leaf is abstract (a `ShapeDtypeStruct`) or of a type that cannot be stored;
+            an ``unstack`` prefix matches no array, or a leaf under it is not an array with a leading axis
+            of the same size as the others', or a per-layer name is also another leaf's name.
+        ArgumentError: ``unstack`` names a prefix twice or one inside another.
 
     Example:
         >>> import tempfile, jax.numpy as jnp, jaxweights as jw
@@ -193,10 +420,18 @@ def save(
         ['model.safetensors']
         >>> jw.load_weights(folder).restore({"params": {"w": jnp.zeros((2, 2))}, "step": 0})["step"]
         7
+
+        Layers stacked for ``scan``, written one tensor per layer:
+
+        >>> stacked = {"layers": {"w": jnp.ones((3, 4)), "b": jnp.zeros((3,))}}
+        >>> folder = jw.save(stacked, f"{tempfile.mkdtemp()}/ckpt", unstack=["layers"])
+        >>> list(jw.load_weights(folder).keys())
+        ['layers.0.b', 'layers.0.w', 'layers.1.b', 'layers.1.w', 'layers.2.b', 'layers.2.w']
     """
     path = Path(path)
     round_id = next(_rounds) if jax.process_count() > 1 else 0  # counted before anything can raise
     arrays, scalars = savable_leaves(tree)
+    arrays = unstack_leaves(arrays, scalars, unstack)
     specs = [spec_of(name, value) for name, value in arrays.items()]
     info: dict[str, str] = dict(metadata or {})
     if scalars:
@@ -226,11 +461,8 @@ def save(
         )
         if not primary:  # without a key-value store: take part in process 0's gathers, in its order
             for spec in writer.write_order(specs, None if single else limit):
-                value = arrays[spec.name]
-                if isinstance(value, jax.Array) and not value.is_fully_addressable:
-                    from jax.experimental import multihost_utils
-
-                    multihost_utils.process_allgather(value, tiled=True)
+                if _is_spread(arrays[spec.name]):
+                    _gathered(arrays[spec.name])
             _barrier(path)
             return path
         if single:
@@ -541,39 +773,44 @@ def _write_share(
 
 
 def _write_owned(writer: FormatWriter, out: BinaryIO, value: Any, offset: int, me: int) -> tuple[int, int]:
-    """Writes what process ``me`` owns of one array at ``offset``: (bytes, pieces)."""
+    """Writes what process ``me`` owns of one tensor (an array or a `_Layer`) at ``offset``: (bytes, pieces)."""
     spec = spec_of("", value)
-    spread = isinstance(value, jax.Array) and not value.is_fully_addressable
-    if spread and spec.dtype.is_packed:
-        from jax.experimental import multihost_utils  # float4 shards split bytes: gathered, in step
-
-        value, spread = multihost_utils.process_allgather(value, tiled=True), False
-    local = isinstance(value, jax.Array) and len(value.sharding.device_set) > 1 and not spec.dtype.is_packed
+    spread = _is_spread(value)
+    if spread and spec.dtype.is_packed:  # float4 shards split bytes: gathered, in step
+        value, spread = _gathered(value), False
+    array, layer = _source(value)
+    local = isinstance(array, jax.Array) and len(array.sharding.device_set) > 1 and not spec.dtype.is_packed
     if spread or (local and me == 0):
-        return _write_blocks_owned(writer, out, value, spec, offset, me)
+        return _write_blocks_owned(writer, out, array, spec, offset, me, layer)
     if me != 0:
         return 0, 0
     out.seek(offset)
-    writer.write_array(out, value)
+    writer.write_array(out, _host_layer(value) if isinstance(value, _Layer) else value)
     out.flush()
     return spec.nbytes, 1
 
 
 def _write_blocks_owned(
-    writer: FormatWriter, out: BinaryIO, array: jax.Array, spec: TensorSpec, offset: int, me: int
+    writer: FormatWriter,
+    out: BinaryIO,
+    array: jax.Array,
+    spec: TensorSpec,
+    offset: int,
+    me: int,
+    layer: int | None = None,
 ) -> tuple[int, int]:
-    """The blocks of a sharded array whose lowest-numbered holding process is ``me`` (a replicated block is
-    written once, by one process), each run with ``pwrite`` at its place in the file."""
-    info = TensorInfo("", spec.dtype, spec.shape, Path(), 0, spec.nbytes)
-    plan = plan_reads(info, array.sharding.devices_indices_map(spec.shape))
+    """The blocks of a sharded array (or of its layer ``layer``: the rows of the shards that hold it) whose
+    lowest-numbered holding process is ``me`` (a replicated block is written once, by one process), each
+    run with ``pwrite`` at its place in the file."""
+    shape = tuple(array.shape)
+    plan, rows = _plan_blocks(spec, shape, array.sharding.devices_indices_map(shape), layer)
     local = {shard.device: shard for shard in array.addressable_shards}
     written = pieces = 0
     for block in plan.blocks:
         if min(cast(jax.Device, device).process_index for device in block.devices) != me:
             continue
         device = next(device for device in block.devices if device in local)
-        data = np.ascontiguousarray(np.asarray(local[device].data)).reshape(-1).view(np.uint8)
-        _put_block(writer, out, data, block, offset)
+        _put_block(writer, out, _block_bytes(local[device].data, rows[device]), block, offset)
         written += block.nbytes
         pieces += 1
     return written, pieces

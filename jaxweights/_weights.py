@@ -12,7 +12,7 @@ import contextvars
 import difflib
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 from types import MappingProxyType
@@ -45,6 +45,7 @@ from .errors import (
 from .formats import Checkpoint, PathsLike, TensorInfo, open_checkpoint
 
 if TYPE_CHECKING:
+    from ._compose import Composite
     from ._keymap import KeyMap
 
 __all__ = ["Weight", "WeightData", "Weights", "load_weights", "restore"]
@@ -84,7 +85,15 @@ class WeightData:
 
     @classmethod
     def from_numpy(cls, array: np.ndarray, name: str) -> WeightData:
-        """Wraps a numpy array (not copied)."""
+        """Wraps a numpy array (not copied).
+
+        Example:
+            >>> import numpy as np
+            >>> from jaxweights import WeightData
+            >>> data = WeightData.from_numpy(np.ones((2, 3), np.float16), "w")
+            >>> data.name, data.dtype, data.shape
+            ('w', <DType.float16>, (2, 3))
+        """
         array = np.asarray(array)
         return cls(array, name, DType.from_numpy(array.dtype), tuple(array.shape))
 
@@ -93,6 +102,12 @@ class WeightData:
 
         Raises:
             DTypeError: the data is quantized; dequantize it instead.
+
+        Example:
+            >>> import numpy as np
+            >>> from jaxweights import WeightData
+            >>> WeightData.from_numpy(np.arange(3, dtype=np.int32), "w").astype("float32").data.tolist()
+            [0.0, 1.0, 2.0]
         """
         target = DType.from_any(dtype)
         if target is self.dtype:
@@ -106,14 +121,29 @@ class WeightData:
         return replace(self, data=self.data.astype(target.to_numpy()), dtype=target)
 
     def view(self, dtype: DTypeLike) -> WeightData:
-        """The same bytes reinterpreted as ``dtype`` (the last dimension scales by the size ratio)."""
+        """The same bytes reinterpreted as ``dtype`` (the last dimension scales by the size ratio).
+
+        Example:
+            >>> import numpy as np
+            >>> from jaxweights import WeightData
+            >>> viewed = WeightData.from_numpy(np.zeros((2, 4), np.float32), "w").view("uint8")
+            >>> viewed.dtype, viewed.shape
+            (<DType.uint8>, (2, 16))
+        """
         target = DType.from_any(dtype)
         data = self.data.view(target.to_numpy())
         return replace(self, data=data, dtype=target, shape=tuple(data.shape))
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by ``data``."""
+        """Bytes held by ``data``.
+
+        Example:
+            >>> import numpy as np
+            >>> from jaxweights import WeightData
+            >>> WeightData.from_numpy(np.zeros((2, 4), np.float32), "w").nbytes
+            32
+        """
         return int(self.data.nbytes)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
@@ -183,17 +213,44 @@ class Weight:
 
         Raises:
             GraphError: the weight was declared on a `Graph` without data (bind the graph first).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weight = jw.load_weights(path).w.allocate()
+            >>> type(weight.array).__name__ in ("Array", "ArrayImpl"), weight.array.sum().item()
+            (True, 15.0)
         """
         return self._value()
 
     @property
     def declared(self) -> bool:
-        """True for a weight declared on a `Graph` without data (its array is bound later)."""
+        """True for a weight declared on a `Graph` without data (its array is bound later).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weight = jw.load_weights(path).w.allocate()
+            >>> graph = jw.Graph("g")
+            >>> weight.declared, graph.weights().w.allocate(dtype="float32", shape=(2,)).declared
+            (False, True)
+        """
         return self.value is None
 
     @property
     def abstract(self) -> jax.ShapeDtypeStruct:
-        """The weight as a `jax.ShapeDtypeStruct` with its sharding (what a graph compiles against)."""
+        """The weight as a `jax.ShapeDtypeStruct` with its sharding (what a graph compiles against).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weight = jw.load_weights(path).w.allocate()
+            >>> weight.abstract
+            ShapeDtypeStruct(shape=(2, 3), dtype=float32, sharding=...)
+        """
         return jax.ShapeDtypeStruct(self.shape, self.dtype.to_numpy(), sharding=self.sharding)
 
     def _value(self) -> jax.Array:
@@ -230,12 +287,30 @@ class Weight:
 
     @property
     def ndim(self) -> int:
-        """Number of dimensions."""
+        """Number of dimensions.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weight = jw.load_weights(path).w.allocate()
+            >>> weight.ndim
+            2
+        """
         return len(self.shape)
 
     @property
     def T(self) -> Any:  # noqa: N802 - array API name
-        """The transposed array."""
+        """The transposed array.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weight = jw.load_weights(path).w.allocate()
+            >>> weight.T.shape, weight.T[2].tolist()
+            ((3, 2), [2.0, 5.0])
+        """
         return self._value().T
 
     def __getitem__(self, index: Any) -> Any:
@@ -382,7 +457,16 @@ class Weights:
     # -- naming ------------------------------------------------------------------------------
     @property
     def name(self) -> str:
-        """The full dotted name this accessor stands for (``""`` at the root)."""
+        """The full dotted name this accessor stands for (``""`` at the root).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.layers[0].w.name, weights.name
+            ('layers.0.w', '')
+        """
         return self._prefix
 
     def __getattr__(self, attr: str) -> Weights:
@@ -507,6 +591,14 @@ class Weights:
         Raises:
             NotATensorError: no tensor has this name (also an `AttributeError`); a checkpoint segment
                 named ``shape`` is reached with ``weights["shape"]``.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.layers[0].w.shape
+            (2, 3)
         """
         return self._tensor_meta("shape").shape
 
@@ -517,6 +609,14 @@ class Weights:
         Raises:
             NotATensorError: no tensor has this name (also an `AttributeError`); a checkpoint segment
                 named ``dtype`` is reached with ``weights["dtype"]``.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.layers[0].w.dtype
+            <DType.float32>
         """
         return self._tensor_meta("dtype").dtype
 
@@ -543,6 +643,16 @@ class Weights:
 
         Arrays already allocated stay valid; reading through the tree afterwards raises
         `CheckpointError`.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weight = weights.layers[0].w.allocate()
+            >>> weights.close()
+            >>> weight.shape  # allocated arrays stay valid
+            (2, 3)
         """
         self._store.checkpoint.close()
 
@@ -558,7 +668,16 @@ class Weights:
 
     # -- the protocol --------------------------------------------------------------------------
     def exists(self) -> bool:
-        """True only if a tensor has exactly this name."""
+        """True only if a tensor has exactly this name.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.layers[0].w.exists(), weights.layers[0].exists()
+            (True, False)
+        """
         return self._prefix in self._store.checkpoint
 
     def items(self) -> Iterator[tuple[str, Weights]]:
@@ -566,6 +685,14 @@ class Weights:
 
         Prefixes match whole segments: ``layers.1`` does not match ``layers.10``. A tensor named exactly
         like this accessor comes first, with the relative name ``""``.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> [(name, accessor.shape) for name, accessor in weights.layers.items()]
+            [('0.w', (2, 3))]
         """
         store = self._store
         if self.exists():
@@ -575,7 +702,16 @@ class Weights:
             yield name[skip:], Weights(store, name)
 
     def keys(self) -> list[str]:
-        """The relative names `items` yields."""
+        """The relative names `items` yields.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.keys(), weights.layers[0].keys()
+            (['layers.0.w'], ['w'])
+        """
         return [name for name, _ in self.items()]
 
     @property
@@ -584,6 +720,15 @@ class Weights:
 
         Raises:
             WeightNotFoundError: no tensor has exactly this name.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> info = weights.layers[0].w.info
+            >>> info.name, info.shape, info.nbytes
+            ('layers.0.w', (2, 3), 24)
         """
         try:
             return self._store.checkpoint[self._prefix]
@@ -595,6 +740,15 @@ class Weights:
 
         Raises:
             WeightNotFoundError: no tensor has exactly this name (a KeyError, with close matches).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> data = weights.layers[0].w.data()
+            >>> data.data[1].tolist(), data.data.flags.writeable
+            ([3.0, 4.0, 5.0], False)
         """
         info = self.info
         view = self._store.checkpoint.view(info)
@@ -628,6 +782,15 @@ class Weights:
 
         An accessor from `Graph.weights` hands the checked request to its graph, which declares the
         weight, or inside a graph function returns the traced argument for it, instead of reading.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weight = weights.layers[0].w.allocate(dtype="bfloat16", device=jw.DeviceRef.CPU())
+            >>> weight.dtype, weight.shape, str(weight.device)
+            (<DType.bfloat16>, (2, 3), 'cpu:0')
         """
         store = self._store
         info = self.info if store.allocator is None or self.exists() else None
@@ -790,6 +953,7 @@ class Weights:
         strict: bool = False,
         first_match: bool = False,
         progress: bool | None = None,
+        stack: bool | str | Sequence[str] = False,
     ) -> Any:
         """The tensors at or under this name as a nested pytree of placed arrays.
 
@@ -798,8 +962,20 @@ class Weights:
         ``dtype`` work as in `allocate_all` (the same dtype rule). With ``shapes_only`` the leaves are
         `jax.ShapeDtypeStruct`s carrying their shardings, and nothing is read.
 
+        ``stack`` makes scan-ready trees (for `jax.lax.scan`, ``nnx.scan``, ``eqx.filter_vmap``): the
+        numbered children ``0 .. L-1`` of a subtree, all of one layout, become one subtree whose leaves
+        have a leading layer axis (shape ``(L, ...)``). ``stack=True`` stacks this accessor's own
+        children (``weights.model.layers.to_pytree(stack=True)``); a prefix or list of prefixes relative
+        to it stacks those subtrees (``weights.to_pytree(stack="model.layers")``). Rules match the stacked
+        name, which drops the layer number (``model.layers.mlp.up_proj.weight``), and their partition
+        specs describe the stacked shape: ``P(None, "model")`` shards every layer's rows,
+        ``P("stage")`` the layer axis. Each device reads only its rows of each layer's tensor, straight
+        into its block of the stacked array: no stacked copy on the host, no per-layer arrays.
+
         Raises:
-            StructureMismatchError: a name is both a tensor and a prefix of others (``a``, ``a.b``).
+            StructureMismatchError: a name is both a tensor and a prefix of others (``a``, ``a.b``); a
+                stacked subtree has a gap in its numbering, a child that is not a number, or layers that
+                differ in their names, shapes or dtypes (the first difference is named).
 
         Example:
             >>> import tempfile, numpy as np, jaxweights as jw
@@ -812,14 +988,22 @@ class Weights:
             ('list', [0.0, 0.0])
             >>> jw.load_weights(path).enc.to_pytree(shapes_only=True)["layer"][0]["w"]
             ShapeDtypeStruct(shape=(2,), dtype=float32, sharding=...)
+            >>> jw.load_weights(path).enc.layer.to_pytree(stack=True)["w"].tolist()
+            [[1.0, 1.0], [0.0, 0.0]]
         """
         from ._pytree import nest
 
+        infos = self._tensor_infos()
+        composites = self._stacked(infos, stack)
+        if composites:
+            sources = {source.name for composite in composites.values() for source in composite.sources}
+            infos = [info for info in infos if info.name not in sources]
+            infos += [composite.info for composite in composites.values()]
         if shapes_only:
             from ._bulk import plan_jobs
 
             jobs = plan_jobs(
-                self._tensor_infos(),
+                infos,
                 mesh=mesh,
                 rules=rules,
                 device=device,
@@ -835,16 +1019,56 @@ class Weights:
                 for job in jobs
             ]
             return nest(leaves, lists=lists)
-        arrays = self.allocate_all(
+        if not composites:
+            arrays = self.allocate_all(
+                mesh=mesh,
+                rules=rules,
+                device=device,
+                dtype=dtype,
+                strict=strict,
+                first_match=first_match,
+                progress=progress,
+            )
+            return nest(arrays.items(), lists=lists)
+        from ._bulk import load
+
+        placed = load(
+            self._store.checkpoint,
+            infos,
             mesh=mesh,
             rules=rules,
             device=device,
             dtype=dtype,
             strict=strict,
             first_match=first_match,
+            record=self._store.record,
             progress=progress,
+            composites=composites,
         )
-        return nest(arrays.items(), lists=lists)
+        return nest(((self._relative(name), array) for name, array in placed.items()), lists=lists)
+
+    def _stacked(self, infos: list[TensorInfo], stack: bool | str | Sequence[str]) -> dict[str, Composite]:
+        """The stacked leaves ``to_pytree(stack=...)`` asks for, by stacked full name."""
+        from ._compose import stack_layers
+
+        if stack is False:
+            return {}
+        if stack is True:
+            prefixes = [self._prefix]
+        elif isinstance(stack, str):
+            prefixes = [join(self._prefix, stack)]
+        elif isinstance(stack, Sequence) and all(isinstance(entry, str) for entry in stack):
+            prefixes = [join(self._prefix, entry) for entry in stack]
+        else:
+            raise ArgumentError(
+                f"stack= takes True (stack this accessor's numbered children), a prefix such as "
+                f"'model.layers', or a list of prefixes; found {stack!r}."
+            )
+        by_name = {info.name: info for info in infos}
+        composites: dict[str, Composite] = {}
+        for prefix in prefixes:
+            composites.update(stack_layers(by_name, prefix))
+        return composites
 
     def restore(
         self,
@@ -855,6 +1079,7 @@ class Weights:
         cast: bool = False,
         ignore_mismatched_sizes: bool = False,
         report: bool = False,
+        stack: str | Sequence[str] = (),
         device: Placement = DeviceRef.CPU(),  # noqa: B008 - immutable default
         progress: bool | None = None,
         max_inflight_bytes: int = DEFAULT_BUDGET,
@@ -891,6 +1116,13 @@ class Weights:
             report: also return a `RestoreReport`: names missing (kept from the target), unused,
                 converted and mismatched. The report is logged to the ``jaxweights`` logger either way
                 (kept leaves at WARNING, unused and converted tensors at INFO).
+            stack: target name prefixes (``"model.layers"``) whose leaves carry a leading layer axis, as
+                in models whose layers run under `jax.lax.scan`, ``nnx.scan`` or ``eqx.filter_vmap``: the
+                leaf ``model.layers.mlp.kernel`` of shape ``(L, ...)`` is filled from ``model.layers.0.mlp.
+                kernel`` ... ``model.layers.{L-1}.mlp.kernel`` (names after ``keymap`` renames, its
+                transforms applied to every layer), each device reading only its rows of each layer. A
+                missing layer, a gap, more layers in the checkpoint than the leading axis holds, and layers
+                of different shapes are reported with the rest.
             device: placement for target leaves that carry no sharding.
             progress: progress bar on stderr (None: on for large loads on a terminal).
             max_inflight_bytes: bytes being read at once.
@@ -914,6 +1146,7 @@ class Weights:
             cast=cast,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
             report=report,
+            stack=stack,
             device=device,
             record=self._store.record,
             progress=progress,
@@ -922,19 +1155,46 @@ class Weights:
 
     @property
     def allocated_weights(self) -> dict[str, jax.Array]:
-        """Every weight allocated through this tree so far, by full name (shared by all accessors)."""
+        """Every weight allocated through this tree so far, by full name (shared by all accessors).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> _ = weights.layers[0].w.allocate()
+            >>> list(weights.allocated_weights)
+            ['layers.0.w']
+        """
         return self._store.allocated
 
     # -- extras ----------------------------------------------------------------------------------
     @property
     def checkpoint(self) -> Checkpoint:
-        """The underlying catalogue (files, metadata, `TensorInfo`s)."""
+        """The underlying catalogue (files, metadata, `TensorInfo`s).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"layers.0.w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> weights = jw.load_weights(path)
+            >>> weights.checkpoint.format, list(weights.checkpoint)
+            (<WeightsFormat.safetensors: 'safetensors'>, ['layers.0.w'])
+        """
         return self._store.checkpoint
 
     @property
     def metadata(self) -> Mapping[str, Any]:
         """The checkpoint's metadata, read-only: safetensors ``__metadata__`` (merged over files and
-        index), or GGUF key-values, whose arrays (a vocabulary) are decoded only when read."""
+        index), or GGUF key-values, whose arrays (a vocabulary) are decoded only when read.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> folder = tempfile.mkdtemp()
+            >>> path = jw.save_file({"w": np.ones(2)}, f"{folder}/m.safetensors", metadata={"format": "pt"})
+            >>> dict(jw.load_weights(path).metadata)
+            {'format': 'pt'}
+        """
         metadata = self._store.checkpoint.metadata
         return MappingProxyType(metadata) if isinstance(metadata, dict) else metadata
 

@@ -50,6 +50,8 @@ def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
         jaxweights._multihost.kv_client = lambda: None  # type: ignore[attr-defined]
     weights = jw.load_weights(path)
     devices = np.array(jax.devices())
+    if scenario == "stack":  # stacked layers: each process reads only its devices' rows of each layer
+        return run_stack(weights, Mesh(devices, ("x",)), path)
     if scenario == "foreign_mesh":
         devices = np.array([d for d in jax.devices() if d.process_index == 0])
     line = Mesh(devices, ("x",))
@@ -92,6 +94,36 @@ def run(scenario: str, path: str, pid: int, n: int) -> dict[str, Any]:
         "expected_bytes": sharded // n + replicated_bytes,
         "checkpoint_bytes": weights.checkpoint.nbytes,
         "local_devices": len(jax.local_devices()),
+    }
+
+
+def run_stack(weights: Any, mesh: Any, path: str) -> dict[str, Any]:
+    import jax
+    import numpy as np
+    import safetensors.numpy
+    from jax.experimental.multihost_utils import process_allgather
+    from jax.sharding import PartitionSpec as P
+
+    rules = [(r"rows\.weight$", P(None, "x")), (r"cols\.weight$", P(None, None, "x")), (r"stage$", P("x"))]
+    tree = weights.layers.to_pytree(stack=True, mesh=mesh, rules=rules)
+    source = safetensors.numpy.load_file(path)
+    equal = {}
+    for rest in ("rows.weight", "cols.weight", "stage"):
+        array = tree
+        for part in rest.split("."):
+            array = array[part]
+        expected = np.stack([source[f"layers.{i}.{rest}"] for i in range(8)])
+        whole = np.asarray(process_allgather(array, tiled=True))
+        equal[rest] = bool(np.array_equal(whole, expected)) and all(
+            np.array_equal(np.asarray(shard.data), expected[shard.index])
+            for shard in array.addressable_shards
+        )
+    total = sum(info.nbytes for _, info in weights.layers.checkpoint.items())
+    return {
+        "equal": equal,
+        "bytes_copied": weights.checkpoint.bytes_copied,
+        "checkpoint_bytes": total,
+        "processes": jax.process_count(),
     }
 
 

@@ -93,6 +93,28 @@ def test_each_process_reads_exactly_its_share(count: int, checkpoint: Path, tmp_
         assert result["bytes_copied"] < result["checkpoint_bytes"]
 
 
+@pytest.fixture
+def layers(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for i in range(8):
+        tensors[f"layers.{i}.rows.weight"] = rng.standard_normal((16, 8), dtype=np.float32)
+        tensors[f"layers.{i}.cols.weight"] = rng.standard_normal((4, 16), dtype=np.float32)
+        tensors[f"layers.{i}.stage"] = rng.standard_normal(4, dtype=np.float32)
+    path = tmp_path / "layers.safetensors"
+    safetensors.numpy.save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_stacked_layers_each_process_reads_its_share(count: int, layers: Path, tmp_path: Path) -> None:
+    for result in run_job(count, layers, "stack", tmp_path):
+        assert "error" not in result, result.get("trace")
+        assert result["processes"] == count
+        assert result["equal"] == {"rows.weight": True, "cols.weight": True, "stage": True}
+        assert result["bytes_copied"] == result["checkpoint_bytes"] // count
+
+
 @pytest.mark.parametrize("scenario", ["mismatch", "mismatch_without_kv_store"])
 def test_a_process_with_another_checkpoint_gets_an_error_not_a_hang(
     checkpoint: Path, tmp_path: Path, scenario: str
