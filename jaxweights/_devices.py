@@ -21,7 +21,13 @@ __all__ = ["DeviceKind", "DeviceRef", "Placement", "is_cpu_only", "to_sharding",
 
 
 class DeviceKind(enum.Enum):
-    """The kind of device a `DeviceRef` points at."""
+    """The kind of device a `DeviceRef` points at.
+
+    Example:
+        >>> from jaxweights import DeviceKind, DeviceRef
+        >>> DeviceRef.CPU().device_type is DeviceKind.CPU, DeviceKind.GPU.value
+        (True, 'gpu')
+    """
 
     __module__ = "jaxweights"
 
@@ -50,20 +56,46 @@ class DeviceRef:
 
     @staticmethod
     def CPU(id: int = 0) -> DeviceRef:  # noqa: N802 - MAX's spelling
-        """The ``id``-th local CPU device (``cpu:0`` by default)."""
+        """The ``id``-th local CPU device (``cpu:0`` by default).
+
+        Example:
+            >>> from jaxweights import DeviceRef
+            >>> DeviceRef.CPU(1), str(DeviceRef.CPU())
+            (DeviceRef.CPU(1), 'cpu:0')
+        """
         return DeviceRef(DeviceKind.CPU, id)
 
     @staticmethod
     def GPU(id: int = 0) -> DeviceRef:  # noqa: N802 - MAX's spelling
-        """The ``id``-th local GPU device (CUDA or ROCm)."""
+        """The ``id``-th local GPU device (CUDA or ROCm).
+
+        Building a reference needs no GPU; only `to_jax` looks for one.
+
+        Example:
+            >>> from jaxweights import DeviceRef
+            >>> DeviceRef.GPU(0), str(DeviceRef.GPU(2))
+            (DeviceRef.GPU(0), 'gpu:2')
+        """
         return DeviceRef(DeviceKind.GPU, id)
 
     def is_cpu(self) -> bool:
-        """True for a CPU reference."""
+        """True for a CPU reference.
+
+        Example:
+            >>> from jaxweights import DeviceRef
+            >>> DeviceRef.CPU().is_cpu(), DeviceRef.GPU().is_cpu()
+            (True, False)
+        """
         return self.device_type is DeviceKind.CPU
 
     def is_gpu(self) -> bool:
-        """True for a GPU reference."""
+        """True for a GPU reference.
+
+        Example:
+            >>> from jaxweights import DeviceRef
+            >>> DeviceRef.GPU().is_gpu(), DeviceRef.CPU().is_gpu()
+            (True, False)
+        """
         return self.device_type is DeviceKind.GPU
 
     def __repr__(self) -> str:
@@ -77,6 +109,12 @@ class DeviceRef:
 
         Raises:
             DeviceError: this process has no such device (for example a GPU on a CPU-only machine).
+
+        Example:
+            >>> from jaxweights import DeviceRef
+            >>> device = DeviceRef.CPU().to_jax()
+            >>> device.platform
+            'cpu'
         """
         kind = self.device_type.value
         try:
@@ -99,7 +137,14 @@ class DeviceRef:
 
     @staticmethod
     def from_jax(device: jax.Device) -> DeviceRef:
-        """The reference for a local `jax.Device`."""
+        """The reference for a local `jax.Device`.
+
+        Example:
+            >>> import jax
+            >>> from jaxweights import DeviceRef
+            >>> DeviceRef.from_jax(jax.local_devices(backend="cpu")[0])
+            DeviceRef.CPU(0)
+        """
         kind = DeviceKind.CPU if device.platform == "cpu" else DeviceKind.GPU
         local = jax.local_devices(backend=device.platform)
         return DeviceRef(kind, local.index(device) if device in local else device.id)

@@ -172,7 +172,15 @@ def _lines(root: _Node, collapse: bool, out: list[str]) -> None:
 
 
 class Totals(NamedTuple):
-    """How many tensors, parameters (elements) and stored bytes a part of a checkpoint holds."""
+    """How many tensors, parameters (elements) and stored bytes a part of a checkpoint holds.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> path = jw.save_file({"a.w": np.ones((2, 3), np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+        >>> totals = jw.load_weights(path).summary().by_prefix["a"]
+        >>> totals, totals.nbytes
+        (Totals(tensors=1, parameters=6, nbytes=24), 24)
+    """
 
     if not TYPE_CHECKING:  # type: ignore[misc]  # mypy reads every NamedTuple statement as a field
         __module__ = "jaxweights"

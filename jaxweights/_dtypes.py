@@ -120,55 +120,116 @@ class DType(enum.Enum):
 
     @classmethod
     def from_numpy(cls, dtype: Any) -> DType:
-        """The `DType` of a numpy (or ml_dtypes) dtype."""
+        """The `DType` of a numpy (or ml_dtypes) dtype.
+
+        Example:
+            >>> import ml_dtypes, numpy as np
+            >>> DType.from_numpy(np.int8), DType.from_numpy(ml_dtypes.bfloat16)
+            (<DType.int8>, <DType.bfloat16>)
+        """
         return cls.from_any(np.dtype(dtype))
 
     def to_numpy(self) -> np.dtype[Any]:
-        """The numpy (or ml_dtypes) dtype that holds one element per item."""
+        """The numpy (or ml_dtypes) dtype that holds one element per item.
+
+        Example:
+            >>> DType.float32.to_numpy(), DType.float8_e4m3fn.to_numpy()
+            (dtype('float32'), dtype(float8_e4m3fn))
+        """
         return _TO_NUMPY[self]
 
     @property
     def size_in_bits(self) -> int:
-        """Bits per element as stored in files: 4 for ``float4_e2m1fn``, 8 x itemsize otherwise."""
+        """Bits per element as stored in files: 4 for ``float4_e2m1fn``, 8 x itemsize otherwise.
+
+        Example:
+            >>> DType.bfloat16.size_in_bits, DType.float4_e2m1fn.size_in_bits
+            (16, 4)
+        """
         return 4 if self is DType.float4_e2m1fn else 8 * _TO_NUMPY[self].itemsize
 
     @property
     def size_in_bytes(self) -> int:
-        """Bytes per element in memory (``float4_e2m1fn`` occupies one byte once unpacked)."""
+        """Bytes per element in memory (``float4_e2m1fn`` occupies one byte once unpacked).
+
+        Example:
+            >>> DType.float64.size_in_bytes, DType.float4_e2m1fn.size_in_bytes
+            (8, 1)
+        """
         return _TO_NUMPY[self].itemsize
 
     @property
     def is_packed(self) -> builtins.bool:
-        """True when files pack several elements per byte (``float4_e2m1fn``: two per byte)."""
+        """True when files pack several elements per byte (``float4_e2m1fn``: two per byte).
+
+        Example:
+            >>> DType.float4_e2m1fn.is_packed, DType.uint8.is_packed
+            (True, False)
+        """
         return self is DType.float4_e2m1fn  # the one sub-byte type (see size_in_bits)
 
     def is_float(self) -> builtins.bool:
-        """True for floating-point types, the float8 and float4 types included."""
+        """True for floating-point types, the float8 and float4 types included.
+
+        Example:
+            >>> DType.bfloat16.is_float(), DType.float8_e5m2.is_float(), DType.int32.is_float()
+            (True, True, False)
+        """
         return self.name.startswith(("float", "bfloat"))
 
     def is_integral(self) -> builtins.bool:
-        """True for signed and unsigned integer types (not bool)."""
+        """True for signed and unsigned integer types (not bool).
+
+        Example:
+            >>> DType.int8.is_integral(), DType.uint64.is_integral(), DType.bool.is_integral()
+            (True, True, False)
+        """
         return self.name.startswith(("int", "uint"))
 
     def is_signed_integral(self) -> builtins.bool:
-        """True for signed integer types."""
+        """True for signed integer types.
+
+        Example:
+            >>> DType.int16.is_signed_integral(), DType.uint16.is_signed_integral()
+            (True, False)
+        """
         return self.name.startswith("int")
 
     def is_unsigned_integral(self) -> builtins.bool:
-        """True for unsigned integer types."""
+        """True for unsigned integer types.
+
+        Example:
+            >>> DType.uint16.is_unsigned_integral(), DType.int16.is_unsigned_integral()
+            (True, False)
+        """
         return self.name.startswith("uint")
 
     def is_float8(self) -> builtins.bool:
-        """True for the 8-bit float types."""
+        """True for the 8-bit float types.
+
+        Example:
+            >>> DType.float8_e4m3fn.is_float8(), DType.float16.is_float8()
+            (True, False)
+        """
         return self.name.startswith("float8")
 
     def is_half(self) -> builtins.bool:
-        """True for the 16-bit float types."""
+        """True for the 16-bit float types.
+
+        Example:
+            >>> DType.float16.is_half(), DType.bfloat16.is_half(), DType.float32.is_half()
+            (True, True, False)
+        """
         return self in (DType.float16, DType.bfloat16)
 
     @property
     def safetensors_code(self) -> str:
-        """The dtype code safetensors headers use (``"BF16"``, ``"F8_E4M3"``, ...)."""
+        """The dtype code safetensors headers use (``"BF16"``, ``"F8_E4M3"``, ...).
+
+        Example:
+            >>> DType.bfloat16.safetensors_code, DType.float8_e4m3fn.safetensors_code
+            ('BF16', 'F8_E4M3')
+        """
         return DTYPE_TO_SAFETENSORS[self]
 
 

@@ -44,7 +44,17 @@ _current: contextvars.ContextVar[tuple[Graph, ...]] = contextvars.ContextVar("ja
 
 
 class GraphConstantWarning(UserWarning):
-    """A graph function's program holds a large constant (see ``Graph(..., constants="warn")``)."""
+    """A graph function's program holds a large constant (see ``Graph(..., constants="warn")``).
+
+    Example:
+        >>> import warnings, numpy as np, jax.numpy as jnp, jaxweights as jw
+        >>> graph, table = jw.Graph("g", constants="warn"), np.ones((400, 400), np.float32)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = graph.function(lambda x: x @ table)(jnp.ones(400))  # closes over 640 kB
+        >>> [warning.category.__name__ for warning in caught]
+        ['GraphConstantWarning']
+    """
 
     __module__ = "jaxweights"
 
@@ -128,7 +138,17 @@ class Graph:
 
     @staticmethod
     def current() -> Graph | None:
-        """The innermost graph entered with ``with graph:``, if any."""
+        """The innermost graph entered with ``with graph:``, if any.
+
+        Example:
+            >>> import jaxweights as jw
+            >>> graph = jw.Graph("g")
+            >>> with graph:
+            ...     jw.Graph.current() is graph
+            True
+            >>> jw.Graph.current() is None
+            True
+        """
         stack = _current.get()
         return stack[-1] if stack else None
 
@@ -142,6 +162,14 @@ class Graph:
         reads like any accessor (into this accessor's `allocated_weights`, not the one passed in);
         without a checkpoint it declares a data-less `Weight` (``dtype=`` and ``shape=`` required),
         bound later with `bind`.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> weights = graph.weights()
+            >>> weights is graph.weights(), weights.w.allocate().shape
+            (True, (2,))
         """
         return self._weights
 
@@ -162,13 +190,32 @@ class Graph:
 
     @property
     def declared(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """Every weight added so far, as abstract values with shardings (the compiled signature)."""
+        """Every weight added so far, as abstract values with shardings (the compiled signature).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+            >>> _ = scale(jnp.ones(2))
+            >>> graph.declared
+            {'w': ShapeDtypeStruct(shape=(2,), dtype=float32, sharding=...)}
+        """
         with self._lock:
             return {name: weight.abstract for name, weight in self._declared.items()}
 
     @property
     def bound(self) -> dict[str, jax.Array]:
-        """The arrays currently bound to the declared names."""
+        """The arrays currently bound to the declared names.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxweights as jw
+            >>> graph = jw.Graph("g")
+            >>> _ = graph.add_weight(graph.weights().w.allocate(dtype="float32", shape=(2,)))
+            >>> graph.bind({"w": jnp.ones(2)})
+            >>> graph.bound
+            {'w': Array([1., 1.], dtype=float32)}
+        """
         with self._lock:
             return dict(self._bound)
 
@@ -184,6 +231,12 @@ class Graph:
 
         ``weight`` may also be an accessor (``weights.fc.weight``): the weight is then declared from the
         checkpoint's catalogue (with ``dtype``/``device`` if given) and read only when first needed.
+
+        Example:
+            >>> import jaxweights as jw
+            >>> graph = jw.Graph("g")
+            >>> graph.add_weight(graph.weights().w.allocate(dtype="bfloat16", shape=(4,)))
+            ShapeDtypeStruct(shape=(4,), dtype=bfloat16, sharding=...)
         """
         if isinstance(weight, Weights):
             target = DType.from_any(dtype) if dtype is not None else None
@@ -222,6 +275,15 @@ class Graph:
         also dtype and sharding mismatches). From a checkpoint, each weight is read with its declared
         dtype and sharding. Same names and shapes mean compiled functions are reused, not recompiled,
         and compute with the new values, including those that ``allocate()`` inside the function.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g")
+            >>> _ = graph.add_weight(graph.weights().w.allocate(dtype="float32", shape=(2,)))
+            >>> graph.bind(path)
+            >>> graph.bound["w"].tolist()
+            [3.0, 3.0]
         """
         with self._lock:
             declared = dict(self._declared)
@@ -310,6 +372,16 @@ class Graph:
 
         Usable as ``@graph.function`` or ``@graph.function(donate_argnums=...)``-style with `jax.jit`
         options (``static_argnums`` and friends refer to ``fn``'s own arguments).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> @graph.function
+            ... def scale(x):
+            ...     return x * graph.weights().w.allocate()
+            >>> scale(jnp.ones(2)).tolist()
+            [3.0, 3.0]
         """
         if fn is None:
             return lambda f: GraphFunction(self, f, **jit_options)
@@ -317,7 +389,17 @@ class Graph:
 
     def compile(self, fn: Callable[..., Any], *example_args: Any, **example_kwargs: Any) -> Any:
         """Compiles ``fn`` ahead of time against the abstract weights (nothing is read) and example
-        inputs (arrays or `jax.ShapeDtypeStruct`s); returns a callable taking ``fn``'s arguments."""
+        inputs (arrays or `jax.ShapeDtypeStruct`s); returns a callable taking ``fn``'s arguments.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> import jax
+            >>> shift = graph.compile(lambda x: x + graph.weights().w.allocate(), jax.ShapeDtypeStruct((2,), jnp.float32))
+            >>> shift(jnp.ones(2)).tolist()
+            [4.0, 4.0]
+        """
         return GraphFunction(self, fn).compile(*example_args, **example_kwargs)
 
 
@@ -418,6 +500,14 @@ class GraphFunction:
 
     Each new signature (shapes, static arguments) is traced once and its program checked for large
     constants before it compiles (see `CONSTANT_LIMIT`).
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+        >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+        >>> graph = jw.Graph("g", weights=path)
+        >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+        >>> type(scale).__name__, scale(jnp.ones(2)).tolist()
+        ('GraphFunction', [3.0, 3.0])
     """
 
     __module__ = "jaxweights"
@@ -513,15 +603,45 @@ class GraphFunction:
 
     def trace(self, *args: Any, **kwargs: Any) -> Any:
         """`jax.jit(...).trace` with the weights as abstract values: its ``jaxpr`` is the program that
-        compiles, with the weights among its inputs and its ``consts`` what is baked in."""
+        compiles, with the weights among its inputs and its ``consts`` what is baked in.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+            >>> traced = scale.trace(jnp.ones(2))
+            >>> len(traced.jaxpr.in_avals), traced.jaxpr.consts  # x and w are inputs; nothing is baked in
+            (2, [])
+        """
         return self._retrying(self._jitted.trace, lambda: self.graph.declared, args, kwargs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
-        """`jax.jit(...).lower` with the weights as abstract values: no weight is read or embedded."""
+        """`jax.jit(...).lower` with the weights as abstract values: no weight is read or embedded.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+            >>> lowered = scale.lower(jnp.ones(2))
+            >>> "stablehlo.constant" in lowered.as_text(), graph.bound  # w is an argument; nothing read
+            (False, {})
+        """
         return self._retrying(self._jitted.lower, lambda: self.graph.declared, args, kwargs)
 
     def compile(self, *args: Any, **kwargs: Any) -> Any:
-        """Compiles ahead of time; the result is called with ``fn``'s arguments and binds the weights."""
+        """Compiles ahead of time; the result is called with ``fn``'s arguments and binds the weights.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+            >>> compiled = scale.compile(jnp.ones(2))
+            >>> compiled(jnp.ones(2)).tolist()
+            [3.0, 3.0]
+        """
         compiled = self.lower(*args, **kwargs).compile()
         graph = self.graph
 
@@ -533,6 +653,16 @@ class GraphFunction:
 
     def cache_size(self) -> int:
         """Entries in the underlying jit cache (1 after swapping checkpoints of the same layout); where
-        JAX does not expose that count, the number of signatures traced."""
+        JAX does not expose that count, the number of signatures traced.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.full(2, 3, np.float32)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> graph = jw.Graph("g", weights=path)
+            >>> scale = graph.function(lambda x: x * graph.weights().w.allocate())
+            >>> _ = scale(jnp.ones(2)), scale(jnp.zeros(2))
+            >>> scale.cache_size()
+            1
+        """
         size = _compat.jit_cache_size(self._jitted)
         return size if size is not None else self._signatures

@@ -57,7 +57,18 @@ _COMPLETE = ("model.safetensors", "model.safetensors.index.json")
 
 
 class IncompleteStepWarning(UserWarning):
-    """An integer-named folder in a manager's directory is not a complete checkpoint; it is skipped."""
+    """An integer-named folder in a manager's directory is not a complete checkpoint; it is skipped.
+
+    Example:
+        >>> import os, tempfile, warnings, jaxweights as jw
+        >>> folder = tempfile.mkdtemp()
+        >>> os.mkdir(f"{folder}/3")  # an integer-named folder that holds no checkpoint
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     steps = jw.CheckpointManager(folder).all_steps()
+        >>> steps, [warning.category.__name__ for warning in caught]
+        ([], ['IncompleteStepWarning'])
+    """
 
     __module__ = "jaxweights"
 
@@ -73,6 +84,13 @@ class SaveStats:
         blocked_s: seconds the caller was blocked in ``save`` (waiting for the previous save included).
         waited_s: of ``blocked_s``, seconds spent waiting for the previous save to finish.
         write_s: seconds the write took until the step was durable; None while it runs.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+        >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+        >>> stats = manager.save(0, {"w": jnp.ones(4)})
+        >>> stats.step, stats.snapshot_bytes, stats.write_s is not None  # synchronous: no snapshot
+        (0, 0, True)
     """
 
     __module__ = "jaxweights"
@@ -210,6 +228,14 @@ class CheckpointManager:
         Integer-named folders that are not complete checkpoints (a folder made by hand, a step whose
         files were deleted) are skipped with an `IncompleteStepWarning`, once per folder; other names
         are ignored.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> for step in (0, 5, 10):
+            ...     _ = manager.save(step, {"w": jnp.ones(2)})
+            >>> manager.all_steps()
+            [0, 5, 10]
         """
         return self._steps(warn=True)
 
@@ -236,7 +262,17 @@ class CheckpointManager:
         return sorted(steps)
 
     def latest_step(self) -> int | None:
-        """The newest complete, durable step, or None."""
+        """The newest complete, durable step, or None.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> manager.latest_step() is None
+            True
+            >>> _ = manager.save(7, {"w": jnp.ones(2)})
+            >>> manager.latest_step()
+            7
+        """
         steps = self.all_steps()
         return steps[-1] if steps else None
 
@@ -245,7 +281,14 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def step_path(self, step: int) -> Path:
-        """The folder of ``step`` (which may not exist)."""
+        """The folder of ``step`` (which may not exist).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> manager.step_path(3).name, manager.step_path(3).exists()
+            ('3', False)
+        """
         return self.directory / str(step)
 
     # Saving
@@ -274,6 +317,13 @@ class CheckpointManager:
                 lower than the latest step; the manager is closed.
             StructureMismatchError: a leaf cannot be stored (abstract, or neither array nor scalar),
                 raised here even for an async save, before anything is snapshotted.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> stats = manager.save(1, {"w": jnp.ones(2)}, metadata={"note": "warm-up"})
+            >>> stats.step, manager.all_steps()
+            (1, [1])
         """
         start = time.perf_counter()
         self._check_open()
@@ -418,6 +468,14 @@ class CheckpointManager:
 
         Raises:
             CheckpointWriteError: that save failed (raised once, naming the step and the cause).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp())  # async_save: writes in the background
+            >>> _ = manager.save(0, {"w": jnp.ones(2)})
+            >>> manager.wait_until_finished()
+            >>> manager.all_steps(), manager.last_save_stats.write_s is not None
+            ([0], True)
         """
         thread = self._thread
         if thread is not None:
@@ -443,6 +501,16 @@ class CheckpointManager:
 
         Raises:
             CheckpointNotFoundError: there is no complete step (or not ``step``).
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> _ = manager.save(0, {"w": jnp.zeros(2)})
+            >>> _ = manager.save(1, {"w": jnp.ones(2)})
+            >>> manager.restore({"w": jnp.empty(2)})["w"].tolist()  # the latest step
+            [1.0, 1.0]
+            >>> manager.restore({"w": jnp.empty(2)}, step=0)["w"].tolist()
+            [0.0, 0.0]
         """
         from ._weights import restore
 
@@ -464,7 +532,16 @@ class CheckpointManager:
         return restore(self.step_path(step), target, **options)
 
     def close(self) -> None:
-        """Waits for the save in flight (raising its error, if any); later saves are refused."""
+        """Waits for the save in flight (raising its error, if any); later saves are refused.
+
+        Example:
+            >>> import tempfile, jax.numpy as jnp, jaxweights as jw
+            >>> manager = jw.CheckpointManager(tempfile.mkdtemp(), async_save=False)
+            >>> manager.close()
+            >>> manager.save(0, {"w": jnp.ones(2)})
+            Traceback (most recent call last):
+            jaxweights.errors.ArgumentError: ...
+        """
         if self._closed:
             return
         self._closed = True

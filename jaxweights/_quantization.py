@@ -17,7 +17,13 @@ __all__ = ["BlockParameters", "QuantizationEncoding"]
 @dataclass(frozen=True)
 class BlockParameters:
     """How a block-quantized tensor is laid out: ``elements_per_block`` values share one block of
-    ``block_size`` bytes."""
+    ``block_size`` bytes.
+
+    Example:
+        >>> from jaxweights import QuantizationEncoding
+        >>> QuantizationEncoding.Q8_0.block_parameters
+        BlockParameters(elements_per_block=32, block_size=34)
+    """
 
     __module__ = "jaxweights"
 
@@ -58,7 +64,13 @@ class QuantizationEncoding(enum.Enum):
 
     @classmethod
     def from_any(cls, value: QuantizationEncoding | str) -> QuantizationEncoding:
-        """Accepts a member or its name in any case (``"q4_k"``)."""
+        """Accepts a member or its name in any case (``"q4_k"``).
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.from_any("q4_k"), QuantizationEncoding.from_any(QuantizationEncoding.GPTQ)
+            (<QuantizationEncoding.Q4_K>, <QuantizationEncoding.GPTQ>)
+        """
         if isinstance(value, QuantizationEncoding):
             return value
         if isinstance(value, str):
@@ -71,22 +83,46 @@ class QuantizationEncoding(enum.Enum):
 
     @property
     def block_parameters(self) -> BlockParameters:
-        """Elements per block and bytes per block."""
+        """Elements per block and bytes per block.
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.Q4_0.block_parameters
+            BlockParameters(elements_per_block=32, block_size=18)
+        """
         return _BLOCK_PARAMETERS[self]
 
     @property
     def elements_per_block(self) -> int:
-        """Number of original values grouped into one block."""
+        """Number of original values grouped into one block.
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.Q4_0.elements_per_block, QuantizationEncoding.Q6_K.elements_per_block
+            (32, 256)
+        """
         return _BLOCK_PARAMETERS[self].elements_per_block
 
     @property
     def block_size(self) -> int:
-        """Bytes in the encoded representation of one block."""
+        """Bytes in the encoded representation of one block.
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.Q8_0.block_size, QuantizationEncoding.Q6_K.block_size
+            (34, 210)
+        """
         return _BLOCK_PARAMETERS[self].block_size
 
     @property
     def is_gguf(self) -> bool:
-        """True for the GGML/GGUF block types (everything but GPTQ)."""
+        """True for the GGML/GGUF block types (everything but GPTQ).
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.Q4_K.is_gguf, QuantizationEncoding.GPTQ.is_gguf
+            (True, False)
+        """
         return self is not QuantizationEncoding.GPTQ
 
     def bytes_for_shape(self, shape: tuple[int, ...]) -> int:
@@ -94,6 +130,14 @@ class QuantizationEncoding(enum.Enum):
 
         Raises:
             QuantizationError: the last dimension is not a multiple of ``elements_per_block``.
+
+        Example:
+            >>> from jaxweights import QuantizationEncoding
+            >>> QuantizationEncoding.Q8_0.bytes_for_shape((2, 64))
+            136
+            >>> QuantizationEncoding.Q8_0.bytes_for_shape((2, 50))
+            Traceback (most recent call last):
+            jaxweights.errors.QuantizationError: Q8_0 packs 32 values per block, ... found shape (2, 50).
         """
         if not shape or shape[-1] % self.elements_per_block:
             raise QuantizationError(

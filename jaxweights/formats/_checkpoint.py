@@ -73,6 +73,13 @@ class TensorInfo(NamedTuple):
         strides: element strides of a view into a larger storage (a transposed or sliced PyTorch
             tensor), or None for C-contiguous bytes. ``start`` is then the first element's byte and
             ``end`` one past the last byte the view touches.
+
+    Example:
+        >>> from pathlib import Path
+        >>> from jaxweights import DType, TensorInfo
+        >>> info = TensorInfo("w", DType.float32, (2, 3), Path("m.safetensors"), start=64, end=88)
+        >>> info.nbytes, info.size, info.contiguous
+        (24, 6, True)
     """
 
     if not TYPE_CHECKING:  # type: ignore[misc]  # mypy reads every NamedTuple statement as a field
@@ -90,7 +97,15 @@ class TensorInfo(NamedTuple):
 
     @property
     def contiguous(self) -> bool:
-        """True when the elements lie in C order, back to back (no strides, or strides that say so)."""
+        """True when the elements lie in C order, back to back (no strides, or strides that say so).
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, TensorInfo
+            >>> info = TensorInfo("w", DType.float32, (2, 3), Path("m.safetensors"), 0, 24)
+            >>> info.contiguous, info._replace(strides=(1, 2)).contiguous
+            (True, False)
+        """
         if self.strides is None:
             return True
         expected = c_strides(self.shape, 1)
@@ -99,7 +114,15 @@ class TensorInfo(NamedTuple):
     @property
     def stored_shape(self) -> tuple[int, ...]:
         """The shape of the stored bytes: the logical shape, except that a quantized tensor's last
-        dimension counts bytes (its blocks times the block size), MAX's "byte shape"."""
+        dimension counts bytes (its blocks times the block size), MAX's "byte shape".
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, QuantizationEncoding, TensorInfo
+            >>> info = TensorInfo("w", DType.uint8, (4, 64), Path("m.gguf"), 0, 272, QuantizationEncoding.Q8_0)
+            >>> info.stored_shape
+            (4, 68)
+        """
         if self.encoding is None or not self.shape:
             return self.shape
         *lead, last = self.shape
@@ -107,21 +130,51 @@ class TensorInfo(NamedTuple):
 
     @property
     def swapped(self) -> bool:
-        """True when the stored elements are in the other byte order than this machine's."""
+        """True when the stored elements are in the other byte order than this machine's.
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, TensorInfo
+            >>> info = TensorInfo("w", DType.float32, (2,), Path("m.gguf"), 0, 8)
+            >>> info._replace(byteorder="<").swapped != info._replace(byteorder=">").swapped
+            True
+        """
         return self.byteorder != NATIVE_ORDER and self.dtype.size_in_bytes > 1 and self.encoding is None
 
     @property
     def nbytes(self) -> int:
-        """Bytes the tensor occupies in its file."""
+        """Bytes the tensor occupies in its file.
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, TensorInfo
+            >>> TensorInfo("w", DType.bfloat16, (3, 4), Path("m.safetensors"), 8, 32).nbytes
+            24
+        """
         return self.end - self.start
 
     @property
     def size(self) -> int:
-        """Number of logical elements."""
+        """Number of logical elements.
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, TensorInfo
+            >>> TensorInfo("w", DType.bfloat16, (3, 4), Path("m.safetensors"), 8, 32).size
+            12
+        """
         return element_count(self.shape)
 
     def is_aligned(self, alignment: int = ALIGNMENT) -> bool:
-        """True when the bytes start on an ``alignment`` boundary and map one-to-one to native elements."""
+        """True when the bytes start on an ``alignment`` boundary and map one-to-one to native elements.
+
+        Example:
+            >>> from pathlib import Path
+            >>> from jaxweights import DType, TensorInfo
+            >>> info = TensorInfo("w", DType.float32, (4,), Path("m.safetensors"), 64, 80)
+            >>> info.is_aligned(64), info._replace(start=72, end=88).is_aligned(64)
+            (True, False)
+        """
         return (
             self.start % alignment == 0
             and self.encoding is None
@@ -272,6 +325,13 @@ class Checkpoint(Mapping[str, TensorInfo]):
     """An ordered, read-only catalogue ``name -> TensorInfo`` over one or more open files.
 
     Produced by `jaxweights.formats.open_checkpoint`; use it as a context manager or call `close`.
+
+    Example:
+        >>> import tempfile, numpy as np, jaxweights as jw
+        >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+        >>> with jw.open_checkpoint(path) as checkpoint:
+        ...     list(checkpoint), checkpoint["w"].shape, checkpoint.format
+        (['w'], (2, 3), <WeightsFormat.safetensors: 'safetensors'>)
     """
 
     __module__ = "jaxweights"
@@ -319,7 +379,15 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     @property
     def nbytes(self) -> int:
-        """Total bytes of tensor data."""
+        """Total bytes of tensor data.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     checkpoint.nbytes
+            24
+        """
         return sum(info.nbytes for info in self._tensors.values())
 
     # -- files -------------------------------------------------------------------------------
@@ -347,7 +415,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def close(self) -> None:
         """Closes every file; reads in flight on other threads finish first, later ones raise
-        `CheckpointError`. Arrays that alias mapped file pages stay valid."""
+        `CheckpointError`. Arrays that alias mapped file pages stay valid.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> checkpoint = jw.open_checkpoint(path)
+            >>> checkpoint.close()
+            >>> checkpoint.read(checkpoint["w"])
+            Traceback (most recent call last):
+            jaxweights.errors.CheckpointError: ...
+        """
         with self._lock:
             handles = list(self._open.values())
             self._open.clear()
@@ -370,7 +448,16 @@ class Checkpoint(Mapping[str, TensorInfo]):
     # -- reading -----------------------------------------------------------------------------
     def raw_view(self, info: TensorInfo) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view over the file map (zero-copy), or, when the
-        checkpoint is not `mapped`, as a read-only copy."""
+        checkpoint is not `mapped`, as a read-only copy.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     raw = checkpoint.raw_view(checkpoint["w"])
+            >>> raw.dtype, raw.size, raw.flags.writeable
+            (dtype('uint8'), 24, False)
+        """
         if not self.mapped:
             out = aligned_empty((info.nbytes,), np.dtype(np.uint8))
             self._read_bytes(info, out.data.cast("B"), info.start)
@@ -389,6 +476,15 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
         Call after copying out of `view` so resident memory does not grow by the file's size. Harmless
         for arrays that alias the map: their pages fault back in from the cache on next access.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     copy = checkpoint.view(checkpoint["w"]).copy()
+            ...     checkpoint.release(checkpoint["w"])
+            >>> copy.sum()
+            np.float32(15.0)
         """
         handle = self._open.get(info.file)
         mapped = None if handle is None else handle._map  # read once: a concurrent close may drop it
@@ -408,6 +504,14 @@ class Checkpoint(Mapping[str, TensorInfo]):
         and elements stored in the other byte order (big-endian GGUF files), which are swapped into a
         copy. Quantized tensors come back as their raw uint8 blocks in their byte shape
         (`TensorInfo.stored_shape`).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     view = checkpoint.view(checkpoint["w"])
+            >>> view[1].tolist(), view.flags.writeable
+            ([3.0, 4.0, 5.0], False)
         """
         raw = self.raw_view(info)
         if not info.contiguous:
@@ -431,7 +535,16 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     def views(self, infos: Sequence[TensorInfo]) -> list[np.ndarray]:
         """`view` of many tensors, with one size check and one map per file for the plain ones
-        (contiguous, in native order, neither packed nor quantized): a few microseconds each."""
+        (contiguous, in native order, neither packed nor quantized): a few microseconds each.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> tensors = {"a": np.ones(2, np.float32), "b": np.zeros(3, np.int8)}
+            >>> path = jw.save_file(tensors, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     [view.tolist() for view in checkpoint.views([checkpoint["a"], checkpoint["b"]])]
+            [[1.0, 1.0], [0, 0, 0]]
+        """
         bases: dict[Path, np.ndarray] = {}
         out: list[np.ndarray] = []
         for info in infos:
@@ -452,6 +565,15 @@ class Checkpoint(Mapping[str, TensorInfo]):
         ``out`` alone) and a file that shrank since it was opened raises `CheckpointError` instead of
         faulting. ``out`` must be C-contiguous and writeable; threads may fill disjoint ranges at once.
         The bytes are added to `bytes_copied`.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> out = np.empty(3, np.float32)
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     checkpoint.copy_into(checkpoint["w"], out, offset=12)
+            >>> out.tolist()
+            [3.0, 4.0, 5.0]
         """
         if not out.flags.c_contiguous or not out.flags.writeable:
             raise ArgumentError(
@@ -500,7 +622,17 @@ class Checkpoint(Mapping[str, TensorInfo]):
     ) -> None:
         """``out[...] = tensor[key]``, converting to ``out.dtype``; ``key`` holds ``(start, stop)`` per
         dimension. Counts the bytes read and, with ``release``, releases the file pages the block spans
-        (pass False when other blocks still need those pages)."""
+        (pass False when other blocks still need those pages).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> out = np.empty((2, 2), np.float64)
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     checkpoint.copy_block(checkpoint["w"], out, ((0, 2), (1, 3)))
+            >>> out.tolist()
+            [[1.0, 2.0], [4.0, 5.0]]
+        """
         if not self.mapped and info.contiguous and key:  # read the rows the block spans, no more
             (first_row, last_row), rest = key[0], key[1:]
             row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
@@ -522,7 +654,16 @@ class Checkpoint(Mapping[str, TensorInfo]):
         self._count(source.size * itemsize)
 
     def note_copied(self, nbytes: int) -> None:
-        """Counts ``nbytes`` copied out of a `view` by another reader (XLA copying an unaligned view)."""
+        """Counts ``nbytes`` copied out of a `view` by another reader (XLA copying an unaligned view).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     checkpoint.note_copied(24)
+            ...     checkpoint.copy_calls, checkpoint.bytes_copied
+            (1, 24)
+        """
         self._count(nbytes)
 
     def _count(self, nbytes: int) -> None:
@@ -532,16 +673,45 @@ class Checkpoint(Mapping[str, TensorInfo]):
 
     @property
     def copy_calls(self) -> int:
-        """Copies made out of the files so far (one per contiguous chunk or strided block chunk)."""
+        """Copies made out of the files so far (one per contiguous chunk or strided block chunk).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     _ = checkpoint.read(checkpoint["w"])
+            ...     checkpoint.copy_calls
+            1
+        """
         return self._copy_calls
 
     @property
     def bytes_copied(self) -> int:
-        """Bytes copied out of the files so far (zero-copy views do not count)."""
+        """Bytes copied out of the files so far (zero-copy views do not count).
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     _ = checkpoint.view(checkpoint["w"])  # zero-copy
+            ...     before = checkpoint.bytes_copied
+            ...     _ = checkpoint.read(checkpoint["w"])
+            ...     before, checkpoint.bytes_copied
+            (0, 24)
+        """
         return self._bytes_copied
 
     def read(self, info: TensorInfo) -> np.ndarray:
-        """A fresh, 64-byte aligned, writeable copy of the tensor in its logical shape."""
+        """A fresh, 64-byte aligned, writeable copy of the tensor in its logical shape.
+
+        Example:
+            >>> import tempfile, numpy as np, jaxweights as jw
+            >>> path = jw.save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, f"{tempfile.mkdtemp()}/m.safetensors")
+            >>> with jw.open_checkpoint(path) as checkpoint:
+            ...     array = checkpoint.read(checkpoint["w"])
+            >>> array.flags.writeable, array.ctypes.data % 64, array[0].tolist()
+            (True, 0, [0.0, 1.0, 2.0])
+        """
         if info.encoding is not None:
             out = aligned_empty(info.stored_shape, np.dtype(np.uint8))
             self.copy_into(info, out)
