@@ -36,7 +36,7 @@ from ._quantization import QuantizationEncoding
 from ._staging import write_atomically
 from ._weights import load_weights
 from .errors import ArgumentError, QuantizationError, WeightsError
-from .formats import Checkpoint, TensorInfo, TensorSpec, open_checkpoint
+from .formats import Checkpoint, TensorInfo, TensorSpec
 from .formats.safetensors import save_file, write_array, write_file
 
 __all__ = ["default_checkpoint", "main"]
@@ -293,7 +293,7 @@ _CHUNK_BYTES = 64 << 20
 
 def _convert(source: Sequence[str], target: str, dtype: str | None, dequantize: bool) -> None:
     wanted = _float_dtype(dtype) if dtype is not None else None
-    with open_checkpoint(list(source)) as checkpoint:
+    with _open(source).checkpoint as checkpoint:  # paths, or a Hugging Face repository id
         quantized = [info for info in checkpoint.values() if info.encoding is not None]
         if quantized and not dequantize:
             raise QuantizationError(_quantized_refusal(checkpoint, quantized))
@@ -482,7 +482,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("--json", action="store_true", help="print JSON instead of text")
     convert = commands["convert"]
-    convert.add_argument("source", nargs="+", metavar="SRC", help="files, folders or an index.json to read")
+    convert.add_argument(
+        "source",
+        nargs="+",
+        metavar="SRC",
+        help="files, folders, an index.json, or a Hugging Face repository id",
+    )
     convert.add_argument("target", metavar="DST", help="the .safetensors file to write")
     convert.add_argument(
         "--dequantize",

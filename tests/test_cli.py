@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxweights as jw
+import jaxweights._weights
 import jaxweights.cli
 from jaxweights.cli import default_checkpoint, main
 
@@ -218,10 +219,10 @@ def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         start += len(blob)
     path.write_bytes(b"".join(blobs.values()))
     metadata = {"general.architecture": "llama", "llama.attention.head_count": 8, "vocab": ["a", "b"]}
-    monkeypatch.setattr(
-        jaxweights.cli,
+    monkeypatch.setattr(  # what load_weights opens, for every command
+        jaxweights._weights,
         "open_checkpoint",
-        lambda paths: jw.Checkpoint(jw.WeightsFormat.gguf, dict(infos), [path], metadata=metadata),
+        lambda paths, mmap=True: jw.Checkpoint(jw.WeightsFormat.gguf, dict(infos), [path], metadata=metadata),
     )
     return path
 

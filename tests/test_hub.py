@@ -169,3 +169,19 @@ def test_online_downloads_the_weight_files_only(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(hub, "list_repo_files", unreachable)
     with pytest.raises(jw.errors.CheckpointReadError, match=r"could not be fetched .* HF_HUB_OFFLINE=1"):
         jw.load_weights("org/tiny")
+
+
+def test_the_command_line_takes_repository_ids(
+    offline_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jaxweights.cli import main
+
+    model = safetensors_bytes(tmp_path, {"encoder.w": np.arange(4, dtype=np.float32)})
+    cached_repo(offline_cache, "org/tiny", {"model.safetensors": model})
+    assert main(["inspect", "org/tiny"]) == 0
+    assert "encoder" in capsys.readouterr().out
+    assert main(["convert", "org/tiny", str(tmp_path / "out.safetensors"), "--dtype", "bfloat16"]) == 0
+    converted = jw.load_weights(tmp_path / "out.safetensors")
+    assert converted.encoder.w.dtype is jw.DType.bfloat16
+    assert converted.encoder.w.data().astype("float32").data.tolist() == [0, 1, 2, 3]
+    assert main(["diff", "org/tiny", str(tmp_path / "out.safetensors")]) == 1  # the dtype differs
