@@ -12,11 +12,12 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import glob
 import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["exchange", "fsync_dir", "libc", "open_elsewhere", "try_lock"]
+__all__ = ["cudart", "exchange", "fsync_dir", "libc", "open_elsewhere", "try_lock"]
 
 
 @functools.cache
@@ -32,6 +33,39 @@ def libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     except OSError:  # pragma: no cover - platforms without a loadable libc
         return None
+
+
+@functools.cache
+def cudart() -> Any:
+    """The CUDA runtime (``libcudart``) with ``cudaHostRegister`` / ``cudaHostUnregister`` typed, from the
+    ``nvidia.cuda_runtime`` wheel that ``jax[cuda]`` installs or the system's library path; None where
+    there is none (every CPU-only machine).
+
+    Example:
+        >>> lib = cudart()
+        >>> lib is None or hasattr(lib, "cudaHostRegister")
+        True
+    """
+    candidates: list[str] = []
+    try:
+        import nvidia.cuda_runtime as runtime  # type: ignore[import-not-found,unused-ignore]
+
+        for folder in runtime.__path__:
+            candidates += sorted(glob.glob(os.path.join(folder, "lib", "libcudart.so*")), reverse=True)
+    except ImportError:
+        pass
+    found = ctypes.util.find_library("cudart")
+    if found:
+        candidates.append(found)
+    for candidate in candidates:
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def fsync_dir(folder: Path) -> None:

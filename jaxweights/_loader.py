@@ -4,8 +4,9 @@ The budget bounds the bytes being read at any moment (host staging memory, on ac
 larger than the budget runs alone. Each tensor is placed by `_placement.place`, whose copies run on their
 own pool, so the two pools never wait on each other. When every target is a CPU device, tensors are placed
 one after another: the copies already use every core, and the per-tensor work left is bound by the GIL,
-where more threads only add contention (docs/performance.md has the measurements). For accelerators, one
-loader thread per usable core (2 to 8) keeps host reads overlapping the transfers.
+where more threads only add contention (docs/performance.md has the measurements). For accelerators,
+`_transfer.load_staged` reads into reusable (page-locked where possible) staging buffers totalling the
+budget and overlaps those reads with the host-to-device copies.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ._devices import is_cpu_only, usable_cores
 from ._dtypes import DType
 from ._placement import blocks_of, place, place_many, plan_for
 from ._progress import Progress
+from ._transfer import load_staged
 from .formats import Checkpoint, TensorInfo
 
 __all__ = ["DEFAULT_BUDGET", "Job", "load_all", "planned_bytes"]
@@ -88,20 +90,36 @@ def load_all(
     max_inflight_bytes: int = DEFAULT_BUDGET,
     progress: Progress | bool | None = None,
     workers: int | None = None,
+    staged: bool | None = None,
 ) -> dict[str, jax.Array]:
     """Places every job; returns ``{name: array}`` in job order. The first failure cancels the rest and
-    is re-raised. ``workers`` defaults to 1 when every target is a CPU device, else one per usable core
-    (2 to 8). ``progress`` is a
+    is re-raised. ``staged`` sends the jobs through staging buffers (`_transfer.load_staged`); None
+    does so when some target is not a CPU device. Otherwise ``workers`` defaults to 1 when every target
+    is a CPU device, else one per usable core (2 to 8). ``progress`` is a
     `Progress` to advance, or whether to draw one (None: for large loads on a terminal)."""
     if not isinstance(progress, Progress):
         total = sum(job.nbytes for job in jobs)
         bar = Progress(total, len(jobs), enabled=progress)
         try:
             return load_all(
-                checkpoint, jobs, max_inflight_bytes=max_inflight_bytes, progress=bar, workers=workers
+                checkpoint,
+                jobs,
+                max_inflight_bytes=max_inflight_bytes,
+                progress=bar,
+                workers=workers,
+                staged=staged,
             )
         finally:
             bar.close()
+    cpu_only = all(is_cpu_only(job.sharding) for job in jobs)
+    if staged or (staged is None and not cpu_only):
+        arrays = load_staged(
+            checkpoint,
+            [(job.info, job.dtype, job.sharding) for job in jobs],
+            max_inflight_bytes=max(1, max_inflight_bytes),
+            on_done=lambda i: progress.advance(jobs[i].nbytes),
+        )
+        return {job.info.name: array for job, array in zip(jobs, arrays, strict=True)}
     budget = _Budget(max(1, max_inflight_bytes))
     failed = threading.Event()
 
@@ -124,7 +142,7 @@ def load_all(
 
     results: dict[str, jax.Array] = {}
     if workers is None:
-        workers = 1 if all(is_cpu_only(job.sharding) for job in jobs) else _accelerator_workers()
+        workers = 1 if cpu_only else _accelerator_workers()
     if workers <= 1:  # CPU targets: placed in chunks whose copies XLA overlaps (see place_many)
         requests = [(job.info, job.dtype, job.sharding) for job in jobs]
         arrays = place_many(checkpoint, requests, chunk_bytes=min(max_inflight_bytes, _CHUNK))
