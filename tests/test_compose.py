@@ -312,20 +312,10 @@ def test_gguf_quantized_stack_dequantizes_on_the_device(tmp_path: Path) -> None:
 
 
 def write_gguf(path: Path, tensors: dict[str, Any], big_endian: bool = False) -> Path:
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(
-        path, "test", endianess=gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
-    )
-    for name, tensor in tensors.items():
-        if isinstance(tensor, tuple):
-            writer.add_tensor(name, tensor[0], raw_dtype=tensor[1])
-        else:
-            writer.add_tensor(name, tensor)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    pytest.importorskip("gguf")
+    from tests.test_gguf import BIG, LITTLE, write
+
+    return write(path, tensors, endian=BIG if big_endian else LITTLE)
 
 
 def test_swapped_sources_are_read_one_at_a_time(tmp_path: Path) -> None:

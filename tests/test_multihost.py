@@ -23,40 +23,46 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_job(count: int, checkpoint: Path, scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
-    """Starts ``count`` worker processes, waits (with a timeout) and returns their results."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent.parent))
-    outputs = [tmp_path / f"{scenario}-{count}-{i}.json" for i in range(count)]
+def run_processes(commands: list[list[str]], env: dict[str, str], timeout: float = 180) -> list[str]:
+    """Runs the commands at once (the processes of one job), each under ``timeout``; returns the tail of
+    each one's output. A process still running at the end is killed."""
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                str(i),
-                str(count),
-                str(port),
-                str(checkpoint),
-                scenario,
-                str(outputs[i]),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(count)
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for command in commands
     ]
     logs = []
     try:
         for process in processes:
-            out, _ = process.communicate(timeout=180)
+            out, _ = process.communicate(timeout=timeout)
             logs.append(out.decode(errors="replace")[-3000:])
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+    return logs
+
+
+def run_job(count: int, checkpoint: Path, scenario: str, tmp_path: Path) -> list[dict[str, Any]]:
+    """Starts ``count`` worker processes, waits (with a timeout) and returns their results."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent.parent))
+    outputs = [tmp_path / f"{scenario}-{count}-{i}.json" for i in range(count)]
+    commands = [
+        [
+            sys.executable,
+            str(WORKER),
+            str(i),
+            str(count),
+            str(port),
+            str(checkpoint),
+            scenario,
+            str(outputs[i]),
+        ]
+        for i in range(count)
+    ]
+    logs = run_processes(commands, env)
     results = []
     for output, log in zip(outputs, logs, strict=True):
         assert output.exists(), f"a worker died without a result:\n{log}"

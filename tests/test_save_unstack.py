@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -262,12 +260,6 @@ def job_tree() -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def worker(process_id: int, port: str, folder: str, out: str) -> None:
     """One process of the job: shards `job_tree` over the job's 8 devices and saves it, unstacked."""
     jax.config.update("jax_num_cpu_devices", 4)
@@ -302,28 +294,16 @@ def worker(process_id: int, port: str, folder: str, out: str) -> None:
 
 
 def test_a_two_process_unstacked_save_matches_a_single_process_one(tmp_path: Path) -> None:
+    from tests.test_multihost import free_port, run_processes
+
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent.parent))
     outputs = [tmp_path / f"result-{i}.json" for i in range(2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(i), str(port), str(tmp_path), str(outputs[i])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
+    commands = [
+        [sys.executable, __file__, str(i), str(port), str(tmp_path), str(outputs[i])] for i in range(2)
     ]
-    logs = []
-    try:
-        for process in processes:
-            logs.append(process.communicate(timeout=180)[0].decode(errors="replace")[-3000:])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    logs = run_processes(commands, env)
     results = [
         json.loads(out.read_text()) if out.exists() else {"error": log}
         for out, log in zip(outputs, logs, strict=True)
