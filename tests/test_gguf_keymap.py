@@ -177,6 +177,56 @@ def test_gguf_file_round_trip(tmp_path: Path, hf_state: dict[str, np.ndarray]) -
     assert_bit_for_bit(restored, hf_state)
 
 
+def stacked(state: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The target of a scanned model (``model.layers.*`` leaves with a leading layer axis) and its values."""
+    flat = {name: value for name, value in state.items() if not name.startswith("model.layers.")}
+    for name in (n for n in state if n.startswith("model.layers.0.")):
+        rest = name.removeprefix("model.layers.0.")
+        flat[f"model.layers.{rest}"] = np.stack([state[f"model.layers.{i}.{rest}"] for i in range(LAYERS)])
+    return nested(flat), flat
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q8_0"])
+def test_gguf_restores_into_a_scanned_model(
+    tmp_path: Path, hf_state: dict[str, np.ndarray], quantized: bool
+) -> None:
+    import gguf
+
+    path = tmp_path / "llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, value in to_gguf(hf_state).items():
+        if quantized and name.endswith(("attn_q.weight", "attn_k.weight")):  # rows of 64 values: Q8_0 blocks
+            writer.add_tensor(name, gguf.quants.quantize(value, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    target, expected = stacked(hf_state)
+    restored, report = jw.restore(path, target, keymap=GGUF_TO_HF, stack="model.layers", report=True)
+    assert "stacked from" in report.converted["model.layers.self_attn.k_proj.weight"]
+    if not quantized:
+        assert_bit_for_bit(restored, expected)
+        return
+    for name in ("q_proj", "k_proj"):  # dequantized llama.cpp-permuted rows, unpermuted per layer
+        heads = HEADS if name == "q_proj" else KV_HEADS
+        per_layer = []
+        for i in range(LAYERS):
+            hf = hf_state[f"model.layers.{i}.self_attn.{name}.weight"]
+            blocks = gguf.quants.quantize(llama_cpp_permute(hf, heads), q8)
+            per_layer.append(np.asarray(UnpermuteHeads("q", heads=heads)(gguf.quants.dequantize(blocks, q8))))
+        leaf = np.asarray(restored["model"]["layers"]["self_attn"][name]["weight"])
+        np.testing.assert_allclose(leaf, np.stack(per_layer), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(restored["model"]["layers"]["mlp"]["up_proj"]["weight"]),
+        expected["model.layers.mlp.up_proj.weight"],
+    )
+
+
 def test_quantized_tensors_match_float_targets_by_logical_shape(tmp_path: Path) -> None:
     from jaxweights._pytree import flatten_target
     from jaxweights._restore import _match
