@@ -172,8 +172,9 @@ def run_tests(files: list[str], deadline: float, per_run: float) -> dict[str, di
             continue
         command = [sys.executable, "-m", "pytest", name, "-x", "-q", "-p", "no:cacheprovider"]
         try:
+            env = clean_env() | {"JAXWEIGHTS_TEST_ACCELERATORS": "1"}  # tests/conftest.py: keep the GPU
             out = subprocess.run(
-                command, capture_output=True, text=True, env=clean_env(), timeout=min(per_run, left), cwd=ROOT
+                command, capture_output=True, text=True, env=env, timeout=min(per_run, left), cwd=ROOT
             )
         except subprocess.TimeoutExpired:
             results[name] = {"status": "timeout"}
