@@ -147,8 +147,14 @@ def load(
         if record is not None:
             record(placed)
         for job in stacked:
+            composite = composites[job.info.name]
             array = place_composite(
-                checkpoint, composites[job.info.name], job.dtype, job.sharding, checked=True
+                checkpoint,
+                composite,
+                job.dtype,
+                job.sharding,
+                checked=True,
+                max_host_bytes=max_inflight_bytes,
             )
             placed[job.info.name] = array.block_until_ready()
             bar.advance(planned_bytes(job.info, job.sharding))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import Sharding
+from jax.sharding import Sharding, SingleDeviceSharding
 
 from ._buffers import ALIGNMENT, aligned_empty
 from ._devices import is_cpu_only
@@ -383,13 +383,23 @@ def stack_layers(checkpoint_infos: Mapping[str, TensorInfo], prefix: str) -> dic
 
 
 def place_composite(
-    checkpoint: Checkpoint, composite: Composite, dtype: DType, sharding: Sharding, *, checked: bool = False
+    checkpoint: Checkpoint,
+    composite: Composite,
+    dtype: DType,
+    sharding: Sharding,
+    *,
+    checked: bool = False,
+    max_host_bytes: int = 1 << 30,
 ) -> jax.Array:
     """Reads a composite into a `jax.Array` laid out by ``sharding``, converted to ``dtype``.
 
     Each distinct device block this process holds is filled from the pieces it intersects, reading only
     those bytes (counted in `Checkpoint.bytes_copied`). ``checked`` skips `check_sharding`. Quantized
     composites are assembled as raw blocks, then dequantized on the device for a float ``dtype``.
+
+    On CPU devices the host buffers become the array (XLA aliases them). On accelerators each block moves
+    in runs of its leading (layer) axis of at most ``max_host_bytes``, each sent to the block's devices
+    and freed before the next is read, and joined there: the host never holds a whole stacked leaf.
 
     Example:
         >>> import tempfile, pathlib, numpy as np, safetensors.numpy
@@ -410,7 +420,7 @@ def place_composite(
             check_sharding(info, sharding)
         encoding = info.encoding
         if encoding is None:
-            return _place_plain(checkpoint, composite, dtype, sharding)
+            return _place_plain(checkpoint, composite, dtype, sharding, max_host_bytes)
         if dtype is not DType.uint8 and dtype not in _DEQUANTIZED:
             raise DTypeError(
                 f"Composite {info.name!r} holds {encoding.name} blocks: place it as uint8 blocks or "
@@ -418,7 +428,7 @@ def place_composite(
                 file=info.file,
                 tensor=info.name,
             )
-        blocks = _place_plain(checkpoint, _as_bytes(composite), DType.uint8, sharding)
+        blocks = _place_plain(checkpoint, _as_bytes(composite), DType.uint8, sharding, max_host_bytes)
         if dtype is DType.uint8:
             return blocks
         expanded: jax.Array = _dequantizer(encoding, info.shape, dtype, sharding)(blocks)
@@ -445,9 +455,13 @@ def _as_bytes(composite: Composite) -> Composite:
     return Composite(info, tuple(pieces))
 
 
-def _place_plain(checkpoint: Checkpoint, composite: Composite, dtype: DType, sharding: Sharding) -> jax.Array:
+def _place_plain(
+    checkpoint: Checkpoint, composite: Composite, dtype: DType, sharding: Sharding, max_host_bytes: int
+) -> jax.Array:
     info = composite.info
     on_cpu = is_cpu_only(sharding)
+    if not on_cpu:
+        return _place_streamed(checkpoint, composite, dtype, sharding, max_host_bytes)
     narrowing = _narrows_integers(info.dtype, dtype)
     host_dtype = dtype if on_cpu and not narrowing else info.dtype
     indices = sharding.addressable_devices_indices_map(info.shape)
@@ -468,6 +482,58 @@ def _place_plain(checkpoint: Checkpoint, composite: Composite, dtype: DType, sha
         converted: jax.Array = _converter(dtype.value)(array)
         return converted
     return array
+
+
+def _runs(key: BlockKey, itemsize: int, limit: int) -> list[BlockKey]:
+    """``key`` cut along its leading axis into runs of at most ``limit`` bytes (one row at least).
+
+    Example:
+        >>> _runs(((0, 6), (0, 4)), 4, 40)
+        [((0, 2), (0, 4)), ((2, 4), (0, 4)), ((4, 6), (0, 4))]
+    """
+    if not key or key[0][1] - key[0][0] <= 1:
+        return [key]
+    (first, last), rest = key[0], key[1:]
+    row = element_count(stop - start for start, stop in rest) * itemsize
+    step = max(1, limit // max(1, row))
+    return [((start, min(start + step, last)), *rest) for start in range(first, last, step)]
+
+
+def _place_streamed(
+    checkpoint: Checkpoint, composite: Composite, dtype: DType, sharding: Sharding, max_host_bytes: int
+) -> jax.Array:
+    """Accelerator targets: each block in runs of its leading axis, read in the stored dtype, sent to the
+    block's devices and released before the next run; runs joined and converted on the devices."""
+    info = composite.info
+    indices = sharding.addressable_devices_indices_map(info.shape)
+    holders: dict[BlockKey, list[Any]] = {}
+    for device, index in indices.items():
+        holders.setdefault(block_key(index, info.shape), []).append(device)
+    narrowing = _narrows_integers(info.dtype, dtype)
+    parts: dict[Any, jax.Array] = {}
+    for key, devices in holders.items():
+        runs: dict[Any, list[jax.Array]] = {device: [] for device in devices}
+        for run in _runs(key, info.dtype.size_in_bytes, max(1, max_host_bytes)):
+            buffers = _fill_blocks(checkpoint, composite, info.dtype, {run})
+            if narrowing:  # values that do not fit are refused before anything moves
+                _narrowed(info, buffers, dtype, convert=False)
+            (host,) = buffers.values()
+            placed = jax.device_put([host] * len(devices), [SingleDeviceSharding(d) for d in devices])
+            for device, array in zip(devices, jax.block_until_ready(placed), strict=True):
+                runs[device].append(array)
+            del buffers, host  # the run's host memory goes before the next is read
+        for device, pieces in runs.items():
+            parts[device] = pieces[0] if len(pieces) == 1 else _join_runs(pieces)
+    array = jax.make_array_from_single_device_arrays(info.shape, sharding, [parts[d] for d in indices])
+    if array.dtype != dtype.to_numpy():
+        converted: jax.Array = _converter(dtype.value)(array)
+        return converted
+    return array
+
+
+@jax.jit
+def _join_runs(runs: list[jax.Array]) -> jax.Array:
+    return jax.numpy.concatenate(runs, axis=0)
 
 
 def _readable_by_ranges(source: TensorInfo) -> bool:

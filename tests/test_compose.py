@@ -383,3 +383,69 @@ def test_concat_and_split_refuse_bad_shapes() -> None:
         split_bounds(10, [4, 5])
     with pytest.raises(ShapeMismatchError, match=r"bounds \[2, 5\) on axis 1"):
         window("w", info("a"), 1, 2, 5)
+
+
+# -- the accelerator path, forced onto CPU devices --------------------------------------------------
+
+
+@pytest.fixture
+def accelerator(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Makes `place_composite` take its accelerator path on CPU devices; records each run's host bytes."""
+    import jaxweights._compose as compose
+
+    monkeypatch.setattr(compose, "is_cpu_only", lambda sharding: False)
+    sizes: list[int] = []
+    fill = compose._fill_blocks
+
+    def spy(*args: Any) -> dict[Any, np.ndarray]:
+        buffers = fill(*args)
+        sizes.append(sum(buffer.nbytes for buffer in buffers.values()))
+        return buffers
+
+    monkeypatch.setattr(compose, "_fill_blocks", spy)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "spec", [None, PartitionSpec(None, "x"), PartitionSpec(None, None, "x"), PartitionSpec()], ids=str
+)
+def test_accelerator_targets_move_in_runs_under_the_host_budget(
+    write_reference: Callable[..., Path], accelerator: list[int], spec: PartitionSpec | None
+) -> None:
+    tensors = layers(count=6)
+    sharding = ONE if spec is None else mesh_sharding(spec)
+    layer_bytes = tensors["model.layers.0.w"].nbytes
+    with open_checkpoint(write_reference(tensors)) as checkpoint:
+        composite = stack_layers(checkpoint, "model.layers")["model.layers.w"]
+        before = checkpoint.bytes_copied
+        array = place_composite(
+            checkpoint, composite, DType.bfloat16, sharding, max_host_bytes=2 * layer_bytes
+        )
+        copied = checkpoint.bytes_copied - before
+    expected = stacked(tensors, "w", 6)
+    assert array.sharding == sharding and array.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(array), expected.astype(ml_dtypes.bfloat16)
+    )  # converted on device
+    assert max(accelerator) <= 2 * layer_bytes and len(accelerator) >= 3
+    assert copied == expected.nbytes  # each distinct block once, whatever the runs
+
+
+def test_accelerator_path_checks_narrowing_and_dequantizes(
+    write_reference: Callable[..., Path], tmp_path: Path, accelerator: list[int]
+) -> None:
+    big = write_reference({"ids.0": np.array([1, 2**40], np.int64)}, name="big.safetensors")
+    with pytest.raises(DTypeError, match=r"holds int64 value 1099511627776"):
+        placed(big, lambda c: stack_layers(c, "ids")["ids"], ONE, DType.int32)
+    gguf = pytest.importorskip("gguf")
+    values = np.random.default_rng(4).standard_normal((8, 64), dtype=np.float32)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    raw = {f"blk.{i}.w": (gguf.quants.quantize(values * (i + 1), q8), q8) for i in range(3)}
+    path = write_gguf(tmp_path / "q.gguf", raw)
+    with open_checkpoint(path) as checkpoint:
+        composite = stack_layers(checkpoint, "blk")["blk.w"]
+        out = place_composite(checkpoint, composite, DType.float32, mesh_sharding(PartitionSpec(None, "x")))
+    for i in range(3):
+        np.testing.assert_allclose(
+            np.asarray(out[i]), gguf.quants.dequantize(raw[f"blk.{i}.w"][0], q8), rtol=1e-6, atol=1e-6
+        )
