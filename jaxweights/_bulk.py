@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._devices import DeviceRef, Placement, to_sharding
 from ._dtypes import DType, DTypeLike
-from ._loader import DEFAULT_BUDGET, Job, load_all, planned_bytes
+from ._loader import DEFAULT_BUDGET, Job, load_all
 from ._multihost import catalogue_digest, check_same_checkpoint
 from ._placement import canonical_dtype, resolve_dtype
 from ._progress import Progress
@@ -157,7 +157,7 @@ def load(
                 max_host_bytes=max_inflight_bytes,
             )
             placed[job.info.name] = array.block_until_ready()
-            bar.advance(planned_bytes(job.info, job.sharding))
+            bar.advance(job.nbytes)
     finally:
         bar.close()
     return {job.info.name: placed[job.info.name] for job in jobs}
