@@ -336,7 +336,10 @@ def layer_groups(
     count = len(layers)
     missing = next((i for i in range(count) if i not in layers), None)
     if missing is not None:
-        found = ", ".join(str(i) for i in sorted(layers))
+        numbers = sorted(layers)
+        found = ", ".join(str(i) for i in numbers[:12]) + (
+            f", ... ({len(numbers)} in all)" if len(numbers) > 12 else ""
+        )
         raise StructureMismatchError(
             f"{prefix} has layers {found}: layer {missing} is missing. Stacked layers are numbered 0..L-1 "
             f"without gaps.",

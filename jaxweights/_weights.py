@@ -1055,9 +1055,13 @@ class Weights:
             return {}
         if stack is True:
             prefixes = [self._prefix]
-        elif isinstance(stack, str):
+        elif isinstance(stack, str) and stack:
             prefixes = [join(self._prefix, stack)]
-        elif isinstance(stack, Sequence) and all(isinstance(entry, str) for entry in stack):
+        elif (
+            not isinstance(stack, str)
+            and isinstance(stack, Sequence)
+            and all(e and isinstance(e, str) for e in stack)
+        ):
             prefixes = [join(self._prefix, entry) for entry in stack]
         else:
             raise ArgumentError(

@@ -419,3 +419,16 @@ def test_to_pytree_stack_at_the_root(write_reference: Writer) -> None:
     tensors = {f"{i}.w": np.full(2, i, np.float32) for i in range(3)}
     tree = jw.load_weights(write_reference(tensors)).to_pytree(stack=True)
     np.testing.assert_array_equal(np.asarray(tree["w"]), [[0, 0], [1, 1], [2, 2]])
+
+
+def test_to_pytree_stack_refuses_empty_prefixes_and_names_many_layers_briefly(
+    write_reference: Writer,
+) -> None:
+    weights = jw.load_weights(write_reference(_layers()))
+    for stack in ("", [""], ["model.layers", ""]):
+        with pytest.raises(ArgumentError, match=r"stack="):
+            weights.to_pytree(stack=stack)
+    many = {f"layers.{i}.w": np.zeros(1, np.float32) for i in range(100) if i != 50}
+    with pytest.raises(StructureMismatchError, match=r"layer 50 is missing") as caught:
+        jw.load_weights(write_reference(many, name="many.safetensors")).layers.to_pytree(stack=True)
+    assert len(str(caught.value)) < 300
