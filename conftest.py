@@ -11,6 +11,10 @@ import os
 from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# JAX's CPU backend even where a GPU is present (the tests build meshes of 8 devices);
+# JAXWEIGHTS_TEST_ACCELERATORS=1 keeps the accelerators for tests/test_gpu.py (benchmarks/device_check.py)
+if os.environ.get("JAXWEIGHTS_TEST_ACCELERATORS") != "1":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 

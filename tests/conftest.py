@@ -1,8 +1,6 @@
 """Shared fixtures. Fakes 8 CPU devices so sharding is tested without accelerators.
 
-The suite runs on JAX's CPU backend even where a GPU is present (its tests build meshes of 8 devices);
-``JAXWEIGHTS_TEST_ACCELERATORS=1`` keeps the accelerators for tests/test_gpu.py, as
-``benchmarks/device_check.py`` runs it.
+The suite runs on JAX's CPU backend even where a GPU is present (see the repository's conftest.py).
 """
 
 from __future__ import annotations
@@ -10,8 +8,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-if os.environ.get("JAXWEIGHTS_TEST_ACCELERATORS") != "1":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from collections.abc import Callable
 from pathlib import Path
